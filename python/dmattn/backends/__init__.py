@@ -1,0 +1,20 @@
+"""The backend registry, in dispatch priority order (fastest first).
+
+Adding a backend: write its module here and add one line to ``_REGISTRY``; dispatch, ``explain``,
+``python -m dmattn`` and the parametrised test matrix pick it up from this list.
+"""
+
+from __future__ import annotations
+
+from .base import Backend
+from .cpu import CpuBackend
+from .reference import ReferenceBackend
+
+_REGISTRY: tuple[Backend, ...] = (
+    CpuBackend(),
+    ReferenceBackend(),
+)
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in _REGISTRY}
+
+__all__ = ["Backend", "BACKENDS"]

@@ -1,0 +1,72 @@
+"""Picks the backend for a Problem: the first in priority order that declares no reasons against it.
+
+``backend="auto"`` (the default) consults ``DMATTN_BACKEND`` first, then the registry order, skipping
+backends that opt out of auto-selection (the reference). A named backend that cannot run the problem,
+or an auto call that no backend can run, raises one ``ValueError`` listing every backend's reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from .backends import BACKENDS, Backend
+from .problem import Problem
+
+ENV_VAR = "DMATTN_BACKEND"
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """Which backend a call would use and why the others would not (``dmattn.explain``)."""
+
+    chosen: Optional[str]
+    reasons: dict[str, list[str]]
+    requested: str
+
+    def __str__(self) -> str:
+        width = max(len(n) for n in self.reasons)
+        lines = [f"requested: {self.requested}; chosen: {self.chosen or 'none'}"]
+        for name, why in self.reasons.items():
+            mark = "*" if name == self.chosen else " "
+            lines.append(f"{mark} {name:<{width}}  {'ok' if not why else '; '.join(why)}")
+        return "\n".join(lines)
+
+
+def _requested(backend: str) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}"
+                         + (f" (from {ENV_VAR})" if os.environ.get(ENV_VAR) == backend else ""))
+    return backend
+
+
+def explain_problem(problem: Problem, backend: str = "auto") -> Explanation:
+    requested = _requested(backend)
+    reasons = {name: b.reasons(problem) for name, b in BACKENDS.items()}
+    if requested != "auto":
+        chosen = requested if not reasons[requested] else None
+    else:
+        chosen = next((n for n, b in BACKENDS.items() if b.auto and not reasons[n]), None)
+        for name, b in BACKENDS.items():
+            if not b.auto:
+                reasons[name] = reasons[name] + ["only used when requested by name"]
+    return Explanation(chosen=chosen, reasons=reasons, requested=requested)
+
+
+def select(problem: Problem, backend: str = "auto") -> Backend:
+    """Returns the backend that runs ``problem``, or raises ValueError with every backend's reasons."""
+    requested = _requested(backend)
+    if requested != "auto":
+        why = BACKENDS[requested].reasons(problem)
+        if why:
+            raise ValueError(f"backend {requested!r} cannot run this call: {'; '.join(why)}")
+        return BACKENDS[requested]
+    for b in BACKENDS.values():
+        if b.auto and not b.reasons(problem):
+            return b
+    raise ValueError("no dmattn backend can run this call:\n" + str(explain_problem(problem, "auto")))

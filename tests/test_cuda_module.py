@@ -1,0 +1,44 @@
+"""The CUDA module: built when nvcc was present; its GPU selection matches the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dmattn
+from dmattn import cuda_ext, reference
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ext.available()),
+                               reason="needs a CUDA device and the dmattn._cuda module")
+
+
+@needs_gpu
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shapes", [
+    ((2, 2, 1, 300), None, 17),
+    ((1, 2, 5, 64), (2, 4, 1, 64), 9),
+    ((1, 1, 1, 40), (1, 1, 3, 40), 100),
+    ((2, 8, 1, 4096), None, 512),
+], ids=str)
+def test_gpu_topk_indices_matches_reference(shapes, bias_dtype):
+    bshape, mshape, window = shapes
+    g = torch.Generator().manual_seed(0)
+    bias = (torch.randint(0, 7, bshape, generator=g) * 0.5).to(bias_dtype)  # many ties
+    mask = None if mshape is None else torch.rand(mshape, generator=g) < 0.6
+    got = dmattn.topk_indices(bias.cuda(), window, None if mask is None else mask.cuda())
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), reference.topk_indices(bias, window, mask), rtol=0, atol=0)
+
+
+@needs_gpu
+def test_gpu_topk_indices_strided_bias():
+    bias = torch.randn(2, 3, 1, 128, device="cuda")[:, 1:2].expand(2, 4, 1, 128)
+    got = dmattn.topk_indices(bias, 10)
+    torch.testing.assert_close(got.cpu(), reference.topk_indices(bias.cpu(), 10), rtol=0, atol=0)
+
+
+def test_cuda_module_reports_itself():
+    if not cuda_ext.available():
+        pytest.skip(f"CUDA module not built here: {cuda_ext.LOAD_ERROR}")
+    info = cuda_ext.info()
+    assert info["cuda_runtime"] >= 12000 and "90a" in info["archs"]
