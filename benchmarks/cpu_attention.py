@@ -31,6 +31,7 @@ import sys
 import time
 
 IMPLS = ("dmattn", "dense_topk_sdpa", "reference")
+BACKEND_OF = {"dmattn": "cpu", "reference": "reference"}
 REFERENCE_MAX_S = 4096
 
 
@@ -83,7 +84,7 @@ def _worker(impl: str, S: int, window: int, repeats: int, threads: int) -> dict:
         call = lambda: _dense_topk_sdpa(q, k, v, bias, window)  # noqa: E731
     else:
         call = lambda: dmattn.dma_attention(q, k, v, bias, window=window, is_causal=True,  # noqa: E731
-                                            topk_scope="visible", backend=impl)
+                                            topk_scope="visible", backend=BACKEND_OF[impl])
     with torch.no_grad():
         call()
         before = _rss_kib("VmRSS")
