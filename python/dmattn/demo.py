@@ -37,6 +37,16 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _default_device(args) -> str:
+    """CUDA when some backend would run this demo's call there, else CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    meta = lambda *shape: torch.empty(shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k = meta(1, 1, args.heads, args.head_dim), meta(1, 1, args.kv_heads, args.head_dim)
+    chosen = dmattn.explain(q, k, k, meta(1, args.kv_heads, 1, 1), window=args.window, is_causal=True).chosen
+    return "cuda" if chosen is not None else "cpu"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=1024, help="query and key length")
@@ -45,11 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scope", choices=["visible", "global"], default="visible")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda when a backend there supports the call, else cpu)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU)")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = torch.device(args.device or _default_device(args))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     B, S, H, H_kv, D = 1, args.seq, args.heads, args.kv_heads, args.head_dim

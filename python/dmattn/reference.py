@@ -49,10 +49,12 @@ def _rank(bias: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
 
 def visible_mask(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], *, B: int, H: int,
                  Q: int, K: int, window: Optional[int] = None, topk_scope: str = "visible",
-                 is_causal: bool = False) -> torch.Tensor:
-    """The SPEC's ``visible(i, j)`` for every (batch, query head, query, key): bool (B, H, Q, K)."""
-    device = (bias if bias is not None else mask).device if (bias is not None or mask is not None) \
-        else torch.device("cpu")
+                 is_causal: bool = False, device=None) -> torch.Tensor:
+    """The SPEC's ``visible(i, j)`` for every (batch, query head, query, key): bool (B, H, Q, K),
+    on ``device`` (default: the bias's or mask's device, else the CPU)."""
+    if device is None:
+        given = bias if bias is not None else mask
+        device = given.device if given is not None else torch.device("cpu")
     allowed = (expand_heads(mask, B, H, Q, K) if mask is not None
                else torch.ones(B, H, Q, K, dtype=torch.bool, device=device))
     causal = _causal(Q, K, device)
@@ -105,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     if bias is not None:
         s = s + expand_heads(bias, B, H, Q, K).to(s.dtype)
     visible = visible_mask(bias, mask, B=B, H=H, Q=Q, K=K, window=window,
-                           topk_scope=topk_scope, is_causal=is_causal)
+                           topk_scope=topk_scope, is_causal=is_causal, device=q.device)
     s = s.masked_fill(~visible, float("-inf"))
 
     # The row max only shifts the exponent; it cancels mathematically, so it carries no gradient.
@@ -154,7 +156,7 @@ def attention_backward(q, k, v, bias, mask, dout, *, window=None, topk_scope="vi
     if bias is not None:
         s = s + expand_heads(bias, B, H, Q, K).to(s.dtype)
     visible = visible_mask(bias, mask, B=B, H=H, Q=Q, K=K, window=window, topk_scope=topk_scope,
-                           is_causal=is_causal)
+                           is_causal=is_causal, device=q.device)
     s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
