@@ -20,14 +20,14 @@ def _args(device="cpu"):
 
 def test_registry_order_and_reference_is_by_name_only():
     assert dmattn.backends()[-1] == "reference"
-    assert not BACKENDS["reference"].auto
-    assert all(b.auto for n, b in BACKENDS.items() if n != "reference")
+    assert not BACKENDS["reference"].auto_devices
+    assert "cpu" in BACKENDS["cpu"].auto_devices
 
 
 def test_explain_lists_every_backend():
     e = dmattn.explain(*_args(), window=4, is_causal=True)
     assert set(e.reasons) == set(BACKENDS)
-    assert "only used when requested by name" in " ".join(e.reasons["reference"])
+    assert "only used on cpu when requested by name" in " ".join(e.reasons["reference"])
     text = str(e)
     for name in BACKENDS:
         assert name in text

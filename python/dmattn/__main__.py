@@ -40,7 +40,7 @@ def report() -> str:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             why = b.reasons(_probe_problem(device, dtype))
             state = "available" if not why else "; ".join(why)
-            auto = "" if b.auto else " (by name only)"
+            auto = "" if device in b.auto_devices else " (by name only)"
             lines.append(f"  {name:<10} {device:<5} {state}{auto}")
     return "\n".join(lines)
 

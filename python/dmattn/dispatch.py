@@ -1,7 +1,8 @@
 """Picks the backend for a Problem: the first in priority order that declares no reasons against it.
 
 ``backend="auto"`` (the default) consults ``DMATTN_BACKEND`` first, then the registry order, skipping
-backends that opt out of auto-selection (the reference). A named backend that cannot run the problem,
+backends that do not take part in auto-selection on the problem's device type (the reference never
+does; a backend that runs CPU tensors only for testing, like Triton's interpreter, does not on CPU). A named backend that cannot run the problem,
 or an auto call that no backend can run, raises one ``ValueError`` listing every backend's reasons.
 """
 
@@ -51,10 +52,11 @@ def explain_problem(problem: Problem, backend: str = "auto") -> Explanation:
     if requested != "auto":
         chosen = requested if not reasons[requested] else None
     else:
-        chosen = next((n for n, b in BACKENDS.items() if b.auto and not reasons[n]), None)
+        device = problem.device.type
+        chosen = next((n for n, b in BACKENDS.items() if device in b.auto_devices and not reasons[n]), None)
         for name, b in BACKENDS.items():
-            if not b.auto:
-                reasons[name] = reasons[name] + ["only used when requested by name"]
+            if device not in b.auto_devices:
+                reasons[name] = reasons[name] + [f"only used on {device} when requested by name"]
     return Explanation(chosen=chosen, reasons=reasons, requested=requested)
 
 
@@ -67,6 +69,6 @@ def select(problem: Problem, backend: str = "auto") -> Backend:
             raise ValueError(f"backend {requested!r} cannot run this call: {'; '.join(why)}")
         return BACKENDS[requested]
     for b in BACKENDS.values():
-        if b.auto and not b.reasons(problem):
+        if problem.device.type in b.auto_devices and not b.reasons(problem):
             return b
     raise ValueError("no dmattn backend can run this call:\n" + str(explain_problem(problem, "auto")))

@@ -33,7 +33,7 @@ class Backend:
       deterministic     whether ``deterministic=True`` is honoured
       features          optional features it implements (see ``ALL_FEATURES``)
       layouts           Problem layouts it implements
-      auto              whether ``backend="auto"`` may pick it
+      auto_devices      device types ``backend="auto"`` may pick it for (empty: by name only)
     """
 
     name: str = "?"
@@ -44,7 +44,7 @@ class Backend:
     deterministic: bool = False
     features: frozenset[str] = ALL_FEATURES
     layouts: frozenset[str] = frozenset({"padded"})
-    auto: bool = True
+    auto_devices: frozenset[str] = frozenset({"cpu", "cuda"})
 
     def load_error(self) -> Optional[str]:
         """Why the backend's compiled module or package cannot be used (None when it can)."""

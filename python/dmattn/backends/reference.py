@@ -28,7 +28,7 @@ class ReferenceBackend(Backend):
     head_dims = range(1, 257)
     deterministic = True
     features = ALL_FEATURES
-    auto = False
+    auto_devices = frozenset()
 
     def forward(self, problem, q, k, v, bias, mask):
         with torch.no_grad():
