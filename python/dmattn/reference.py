@@ -85,6 +85,33 @@ def topk_indices(bias: torch.Tensor, window: int, mask: Optional[torch.Tensor] =
     return torch.where(ordered == K, -1, ordered)
 
 
+def _softmax(q, k, bias, mask, *, window, topk_scope, is_causal, scale, softcap):
+    """Scores through the softmax: ``(probs (B,H,Q,K), lse (B,H,Q), tanh of the capped scores or
+    None, k and scale as used)``. Invisible entries and empty rows have probability 0."""
+    B, Q, H, D = q.shape
+    K, H_kv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    k_h = k.repeat_interleave(H // H_kv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k_h) * scale
+    capped = None
+    if softcap:
+        capped = torch.tanh(s / softcap)
+        s = softcap * capped
+    if bias is not None:
+        s = s + expand_heads(bias, B, H, Q, K).to(s.dtype)
+    visible = visible_mask(bias, mask, B=B, H=H, Q=Q, K=K, window=window,
+                           topk_scope=topk_scope, is_causal=is_causal, device=q.device)
+    s = s.masked_fill(~visible, float("-inf"))
+    # The row max only shifts the exponent; it cancels mathematically, so it carries no gradient.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    lse = (torch.log(l) + m).squeeze(-1)
+    probs = p / torch.where(l == 0, torch.ones_like(l), l)
+    return probs, lse, capped, k_h, scale
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
               mask: Optional[torch.Tensor] = None, *, window: Optional[int] = None,
               topk_scope: str = "visible", is_causal: bool = False, scale: Optional[float] = None,
@@ -94,31 +121,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     Differentiable through torch autograd (the selection itself is a hard, gradient-free gate).
     Rows with no visible key, or whose visible scores are all -inf, give out 0 and lse -inf.
     """
-    B, Q, H, D = q.shape
-    K, H_kv = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    group = H // H_kv
-    k_h = k.repeat_interleave(group, dim=2)
-    v_h = v.repeat_interleave(group, dim=2)
-
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k_h) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + expand_heads(bias, B, H, Q, K).to(s.dtype)
-    visible = visible_mask(bias, mask, B=B, H=H, Q=Q, K=K, window=window,
-                           topk_scope=topk_scope, is_causal=is_causal, device=q.device)
-    s = s.masked_fill(~visible, float("-inf"))
-
-    # The row max only shifts the exponent; it cancels mathematically, so it carries no gradient.
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    lse = (torch.log(l) + m).squeeze(-1)
-    probs = p / torch.where(l == 0, torch.ones_like(l), l)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v_h)
-    return out, lse
+    probs, lse, _, _, _ = _softmax(q, k, bias, mask, window=window, topk_scope=topk_scope,
+                                   is_causal=is_causal, scale=scale, softcap=softcap)
+    v_h = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v_h), lse
 
 
 def reduce_to(grad: torch.Tensor, shape) -> torch.Tensor:
@@ -143,30 +149,14 @@ def attention_backward(q, k, v, bias, mask, dout, *, window=None, topk_scope="vi
     """
     B, Q, H, D = q.shape
     K, H_kv = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
     group = H // H_kv
-    k_h = k.repeat_interleave(group, dim=2)
+    probs, _, capped, k_h, scale = _softmax(q, k, bias, mask, window=window, topk_scope=topk_scope,
+                                            is_causal=is_causal, scale=scale, softcap=softcap)
     v_h = v.repeat_interleave(group, dim=2)
-    raw = torch.einsum("bqhd,bkhd->bhqk", q, k_h) * scale
-    if softcap:
-        capped = torch.tanh(raw / softcap)
-        s = softcap * capped
-    else:
-        s = raw
-    if bias is not None:
-        s = s + expand_heads(bias, B, H, Q, K).to(s.dtype)
-    visible = visible_mask(bias, mask, B=B, H=H, Q=Q, K=K, window=window, topk_scope=topk_scope,
-                           is_causal=is_causal, device=q.device)
-    s = s.masked_fill(~visible, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    probs = p / torch.where(l == 0, torch.ones_like(l), l)
 
     dp = torch.einsum("bqhd,bkhd->bhqk", dout.to(q.dtype), v_h)
     ds = probs * (dp - (probs * dp).sum(dim=-1, keepdim=True))
-    draw = ds * (1 - capped.square()) if softcap else ds
+    draw = ds * (1 - capped.square()) if capped is not None else ds
     dq = torch.einsum("bhqk,bkhd->bqhd", draw, k_h) * scale
     dk = (torch.einsum("bhqk,bqhd->bkhd", draw, q) * scale).reshape(B, K, H_kv, group, D).sum(3)
     dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout.to(q.dtype)).reshape(B, K, H_kv, group, D).sum(3)
