@@ -79,6 +79,15 @@ inline T neg_inf() {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Index of the calling thread inside a parallel region (0 without OpenMP): picks its workspace.
+inline int this_thread() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // Zero-initialised, 64-byte aligned storage, allocated before parallel regions so that a failed
 // allocation surfaces as an exception instead of terminating inside OpenMP.
 template <class T>
@@ -429,11 +438,7 @@ void run_forward(const Selection& sel, const FwdArgs& a, int num_threads) {
   ScratchSet scratch(sel, threads, kBlockM);
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = this_thread();
     Tiles<T> w;
     w.carve(work.get() + tid * stride, cx.Dp, p.K, false);
     w.keys = keys.get() + tid * p.K;
@@ -652,11 +657,7 @@ void run_backward(const Selection& sel, const BwdArgs& a, int num_threads) {
   ScratchSet scratch(sel, threads, kBlockM);
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = this_thread();
     Tiles<T> w;
     w.carve(work.get() + tid * stride, cx.Dp, p.K, true);
     w.keys = keys.get() + tid * p.K;
