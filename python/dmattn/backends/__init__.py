@@ -9,8 +9,10 @@ from __future__ import annotations
 from .base import Backend
 from .cpu import CpuBackend
 from .reference import ReferenceBackend
+from .triton import TritonBackend
 
 _REGISTRY: tuple[Backend, ...] = (
+    TritonBackend(),
     CpuBackend(),
     ReferenceBackend(),
 )

@@ -1,0 +1,528 @@
+"""Dynamic mask attention in Triton: forward, and a deterministic backward without atomics.
+
+Kernels visit keys in one of three ways, chosen by the selection path (``selection.py``):
+- DENSE and THRESHOLD: contiguous key tiles up to the causal limit of the query block, with a
+  per-element test (mask through its broadcast strides, causality, and for THRESHOLD the
+  per-query threshold (tv_i, ti_i) on the bias value).
+- LIST: the tiles are positions of the row's sorted list of selected keys; key, value and bias rows
+  are gathered through the loaded indices, and only the list prefix a query block can see
+  causally is visited.
+
+Scores, softmax and every accumulator are float32. Bias and mask are read through their strides
+(stride 0 on broadcast dimensions) and never materialised. A query row with no visible key (or
+only -inf scores) gets out 0 and lse -inf, and contributes nothing to any gradient.
+
+Backward: ``dma_bwd_dq_kernel`` owns a query block (dq, and dS per element for a per-query bias);
+``dma_bwd_dkdv_kernel`` owns a tile of keys of one (batch, kv head), loops over the group's query
+heads and every query block that can see those keys, and writes dk, dv and the per-(batch, head)
+dbias partial of its keys once. No two programs write the same element, so there are no atomics
+and the result is bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .selection import LIST, THRESHOLD, block_counts, make_selection
+
+# The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
+# operand is upcast to float32, and one fixed launch configuration is used.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Sizes that change from call to call, and the outer strides of bias and mask (which follow K and
+# the broadcast form), are not specialised on (value 1, divisibility by 16): each specialisation is
+# a separate compilation (the test matrix alone needs ~450 on a GPU), and these only bound loops,
+# form masks or offset rows. D is a compile-time constant instead, so the head-dim mask is known
+# and the q/k/v/out tile loads stay vectorised.
+_SIZES = ("sbb", "sbh", "sbm", "smb", "smh", "smm", "Q", "K", "H", "GROUP", "HB", "HM", "SEL_B", "H_S", "W")
+
+# Kernels can only read globals that are constexpr.
+_LIST = tl.constexpr(LIST)
+_THRESHOLD = tl.constexpr(THRESHOLD)
+
+
+def _head_block(D: int) -> int:
+    """tl.dot needs at least 16 along each dimension: D is padded to a power of two >= 16 and the
+    tail is masked on every load and store."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def launch_config(D: int, elem_size: int, kind: str) -> dict:
+    """Tile sizes, warps and pipeline stages for ``kind`` in {"fwd", "dq", "dkdv"}.
+
+    Interpreter: 32 x 32 tiles. Each program runs as numpy on the host, so time grows with the
+    number of tiles (measured on the test cases: 16 is ~2.3x slower than 32, 64 ~1.6x faster);
+    32 keeps several full and partial tiles, and several query blocks per key tile, in the tests'
+    small shapes.
+    CUDA (starting points for the H200, to be tuned): the forward keeps a 128-row query block for
+    D <= 128 (the FlashAttention-2 choice) and halves it for D = 256 so q, k and v tiles fit in
+    shared memory; the backward holds more live tiles (q, k, v, dO and two accumulators), so it uses
+    64 x 64 tiles up to D = 128 and 32 x 32 beyond; float32 inputs double the bytes per tile and
+    take the next smaller tile."""
+    if INTERPRETED:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    bytes_d = _head_block(D) * elem_size
+    if kind == "fwd":
+        if bytes_d <= 128:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        if bytes_d <= 256:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if bytes_d <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # "ieee" keeps float32 inputs exact (the default would round them to tf32); it is ignored for
+    # float16/bfloat16 operands.
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision="ieee")
+    return r
+
+
+@triton.jit
+def _tanh(x):
+    # No libdevice under the interpreter; this form saturates to +-1 without overflow trouble
+    # (exp(2x) = inf gives 1, exp(2x) = 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+            off, scale, softcap,
+            IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+            HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+            SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile, -inf where the key is not visible to the query, and
+    tanh of the capped scores (for the softcap chain rule; 0 without softcap)."""
+    s = _dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    else:
+        t = s * 0.0
+    vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
+    if IS_CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+    if HAS_BIAS:
+        if BIAS_PER_QUERY:
+            braw = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                           mask=vis, other=0.0)  # [BLOCK_M, BLOCK_N]
+        else:
+            braw = tl.load(bias_base + offs_n * sbn, mask=n_ok, other=0.0)[None, :]  # [1, BLOCK_N]
+        s = s + braw.to(tl.float32)
+        if PATH == _THRESHOLD:
+            # The selection compares bias values as given, in float32 (float64 for a float64 bias).
+            bc = braw.to(tv.dtype)
+            vis = vis & ((bc > tv[:, None]) | ((bc == tv[:, None]) & (offs_n[None, :] <= ti[:, None])))
+    # On the LIST path the mask is query-broadcast and already part of the list.
+    if HAS_MASK and PATH != _LIST:
+        if MASK_PER_QUERY:
+            allowed = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=vis, other=0)
+        else:
+            allowed = tl.load(mask_base + offs_n * smn, mask=n_ok, other=0)[None, :]
+        vis = vis & (allowed != 0)
+    s = tl.where(vis, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.constexpr):
+    """Key indices of the tile starting at ``start`` and which of them are real: list entries
+    (LIST; positions at or beyond ``limit`` and padding read as the sentinel K) or the contiguous
+    keys below ``limit``."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if PATH == _LIST:
+        offs_n = tl.load(Idx + idx_row + pos, mask=pos < limit, other=K)
+        n_ok = offs_n < K
+    else:
+        offs_n = pos
+        n_ok = pos < limit
+    return offs_n, n_ok
+
+
+@triton.jit(do_not_specialize=_SIZES + ("NBLK",))
+def dma_fwd_kernel(
+    Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, sob, som, soh, sod,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
+    scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = (h // GROUP).to(tl.int64)
+    off = K - Q
+    row = (b * SEL_B + h * H_S // H).to(tl.int64)  # selection row of (b, h)
+    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
+    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_ok = offs_m < Q
+    d_ok = offs_d < D
+    q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if PATH == _THRESHOLD:
+        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))  # [BLOCK_M]
+        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+
+    if PATH == _LIST:
+        limit = tl.load(Cnt + row * NBLK + pid_m)
+    elif IS_CAUSAL:
+        limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
+    else:
+        limit = K
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, limit, BLOCK_N):
+        offs_n, n_ok = _key_tile(Idx, row * W, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                       off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                       PATH, SOFTCAP, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(Out + b * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * som + offs_d[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit(do_not_specialize=_SIZES + ("NBLK",))
+def dma_bwd_dq_kernel(
+    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
+    scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_DS: tl.constexpr,
+):
+    """dq of one query block; with WRITE_DS also dS per element into the float32 (B, H, Q, K)
+    buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = (h // GROUP).to(tl.int64)
+    off = K - Q
+    row = (b * SEL_B + h * H_S // H).to(tl.int64)
+    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
+    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_ok = offs_m < Q
+    d_ok = offs_d < D
+    qd_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_d[None, :] * sdd,
+                 mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=float("-inf"))
+    # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
+    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if PATH == _THRESHOLD:
+        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
+        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+
+    if PATH == _LIST:
+        limit = tl.load(Cnt + row * NBLK + pid_m)
+    elif IS_CAUSAL:
+        limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
+    else:
+        limit = K
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, limit, BLOCK_N):
+        offs_n, n_ok = _key_tile(Idx, row * W, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                       off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                       PATH, SOFTCAP, UPCAST)
+        p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
+        dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        if WRITE_DS:
+            tl.store(DS + pid_bh.to(tl.int64) * Q * K + offs_m[:, None].to(tl.int64) * K + offs_n[None, :], ds,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    if WRITE_DQ:
+        # DQ is contiguous (B, Q, H, D).
+        tl.store(DQ + ((b * Q + offs_m[:, None].to(tl.int64)) * H + h) * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit(do_not_specialize=_SIZES + ("N_HEADS", "H_OUT"))
+def dma_bwd_dkdv_kernel(
+    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DK, DV, DB, Idx, TV, TI,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, N_HEADS, H_OUT,
+    scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DKDV: tl.constexpr, WRITE_DB: tl.constexpr,
+):
+    """dk, dv (and the dbias partial, float32 (B, H, K), of a query-broadcast bias) of one tile of
+    keys. Program (tile, p) covers query heads p*N_HEADS .. +N_HEADS-1 of batch p // (H/N_HEADS):
+    with N_HEADS = GROUP it owns kv head g outright and writes DK/DV (B, K, H_OUT = H_kv, D); with
+    N_HEADS = 1 (LIST path with one list per query head) it writes float32 per-head partials
+    (B, K, H_OUT = H, D) that the host sums over the group."""
+    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    n_progs_b = H // N_HEADS
+    b = (pid_p // n_progs_b).to(tl.int64)
+    h0 = (pid_p % n_progs_b) * N_HEADS
+    g = (h0 // GROUP).to(tl.int64)
+    h_out = (pid_p % n_progs_b).to(tl.int64)
+    off = K - Q
+
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_ok = offs_d < D
+    row0 = (b * SEL_B + h0 * H_S // H).to(tl.int64)
+    if PATH == _LIST:
+        n_limit = W
+    else:
+        n_limit = K
+    offs_n, n_ok = _key_tile(Idx, row0 * W, pid_n * BLOCK_N, n_limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    # Keys are ascending within a tile (lists are sorted), so the first query that can see any of
+    # them causally is the one of the smallest key.
+    if IS_CAUSAL:
+        first = tl.min(tl.where(n_ok, offs_n, K))
+        m_lo = tl.maximum(first - off, 0) // BLOCK_M * BLOCK_M
+    else:
+        m_lo = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for hh in range(0, N_HEADS):
+        h = h0 + hh
+        row = (b * SEL_B + h * H_S // H).to(tl.int64)
+        bh = b * H + h
+        bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
+        mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start_m in range(m_lo, Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+            m_ok = offs_m < Q
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
+                        + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+            do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm
+                         + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+            lse = tl.load(Lse + bh * Q + offs_m, mask=m_ok, other=float("-inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(Delta + bh * Q + offs_m, mask=m_ok, other=0.0)
+            tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+            ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+            if PATH == _THRESHOLD:
+                tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
+                ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+            s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                           off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                           PATH, SOFTCAP, UPCAST)
+            p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+            dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            db += tl.sum(ds, 0)
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+        if WRITE_DB:
+            tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
+    if WRITE_DKDV:
+        out_rows = (b * K + offs_n[:, None].to(tl.int64)) * H_OUT + h_out
+        tl.store(DK + out_rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_rows * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _broadcast_strides(t: torch.Tensor) -> list[int]:
+    """A bias's or mask's strides with 0 on its size-1 batch and query dims, so one kernel serves
+    every broadcast form (the head is picked by index, h * heads // H)."""
+    s = list(t.stride())
+    for d in (0, 2):
+        if t.shape[d] == 1:
+            s[d] = 0
+    return s
+
+
+class _Launch:
+    """The arguments every kernel shares for one call: tensors or placeholders, strides, sizes,
+    the selection metadata and the compile-time flags."""
+
+    def __init__(self, p, q, k, v, bias, mask):
+        self.p = p
+        self.sel = make_selection(bias, mask, window=p.effective_window, K=p.K, Q=p.Q, scope=p.topk_scope,
+                                  is_causal=p.is_causal)
+        dev = q.device
+        ints = torch.zeros(1, dtype=torch.int32, device=dev)  # placeholder for absent int32 metadata
+        sel = self.sel
+        self.idx = sel.idx if sel.idx is not None else ints
+        self.tv = sel.tv if sel.tv is not None else torch.zeros(1, dtype=torch.float32, device=dev)
+        self.ti = sel.ti if sel.ti is not None else ints
+        self.bias = bias if bias is not None else q
+        self.mask = mask if mask is not None else ints
+        self.q, self.k, self.v = q, k, v
+        self.strides = [*q.stride(), *k.stride(), *v.stride(),
+                        *(_broadcast_strides(bias) if bias is not None else [0] * 4),
+                        *(_broadcast_strides(mask) if mask is not None else [0] * 4)]
+        self.sizes = dict(Q=p.Q, K=p.K, H=p.H, GROUP=p.H // p.H_kv, D=p.D,
+                          HB=1 if bias is None else bias.shape[1], HM=1 if mask is None else mask.shape[1],
+                          SEL_B=sel.H_s if sel.B_s > 1 else 0, H_S=sel.H_s,
+                          W=0 if sel.idx is None else sel.idx.shape[-1])
+        self.flags = dict(BLOCK_D=_head_block(p.D), IS_CAUSAL=p.is_causal, HAS_BIAS=bias is not None,
+                          BIAS_PER_QUERY=bias is not None and bias.shape[2] > 1, HAS_MASK=mask is not None,
+                          MASK_PER_QUERY=mask is not None and mask.shape[2] > 1, PATH=sel.path,
+                          SOFTCAP=p.softcap is not None, UPCAST=INTERPRETED)
+        self.scalars = dict(scale=p.scale, softcap=p.softcap or 1.0)
+
+    def counts(self, block_m: int) -> torch.Tensor:
+        """Per (selection row, query block) list prefix lengths (LIST), else a placeholder."""
+        if self.sel.path != LIST:
+            return self.idx
+        return block_counts(self.sel.idx, self.p.Q, self.p.K, block_m, self.p.is_causal)
+
+
+def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fills ``out`` (B, Q, H, D) and ``lse`` (B, H, Q) float32, both contiguous. ``p`` is the
+    call's Problem (sizes, scale, softcap, causality, window and scope)."""
+    a = _Launch(p, q, k, v, bias, mask)
+    cfg = launch_config(p.D, q.element_size(), "fwd")
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    counts = a.counts(bm)
+    grid = (triton.cdiv(p.Q, bm), p.B * p.H)
+    dma_fwd_kernel[grid](
+        q, k, v, a.bias, a.mask, out, lse, a.idx, counts, a.tv, a.ti,
+        *a.strides, *out.stride(), **a.sizes, NBLK=counts.shape[-1] if a.sel.path == LIST else 1,
+        **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
+
+
+def _reduce_dbias(grad: torch.Tensor, shape) -> torch.Tensor:
+    """Sums a float32 (B, H, Q|1, K) gradient to the bias's (B|1, H|H_kv|1, Q|1, K) shape in a fixed
+    order (query head h came from bias head h // (H // heads))."""
+    B, H, Qg, K = grad.shape
+    Bb, Hb, Qb, _ = shape
+    grad = grad.reshape(B, Hb, H // Hb, Qg, K).sum(2)
+    if Qb == 1 and Qg > 1:
+        grad = grad.sum(2, keepdim=True)
+    if Bb == 1:
+        grad = grad.sum(0, keepdim=True)
+    return grad
+
+
+def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
+    """Fills the gradients that are not None: dq (B, Q, H, D), dk and dv (B, K, H_kv, D), dbias in
+    the bias's shape, all contiguous.
+
+    Extra memory: float32 delta (B, H, Q); for a query-broadcast bias a float32 (B, H, K) dbias
+    partial; for a per-query bias a float32 (B, H, Q, K) dS buffer (the one O(Q*K) buffer, only
+    when dbias of a per-query bias is wanted); on the LIST path with one list per query head
+    (bias or mask with H heads and H > H_kv), float32 (B, K, H, D) dk/dv partials.
+    """
+    a = _Launch(p, q, k, v, bias, mask)
+    dev = q.device
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Q)
+    per_query_bias = a.flags["BIAS_PER_QUERY"]
+    write_ds = dbias is not None and per_query_bias
+    write_db = dbias is not None and not per_query_bias
+    dbias_f32 = None
+
+    if dq is not None or write_ds:
+        cfg = launch_config(p.D, q.element_size(), "dq")
+        bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        counts = a.counts(bm)
+        ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
+        dma_bwd_dq_kernel[(triton.cdiv(p.Q, bm), p.B * p.H)](
+            q, k, v, a.bias, a.mask, dout, lse, delta, dq if dq is not None else delta, ds,
+            a.idx, counts, a.tv, a.ti, *a.strides, *dout.stride(), **a.sizes,
+            NBLK=counts.shape[-1] if a.sel.path == LIST else 1, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
+            **a.flags, WRITE_DQ=dq is not None, WRITE_DS=write_ds, **cfg)
+        if write_ds:
+            dbias_f32 = ds
+
+    if dk is not None or dv is not None or write_db:
+        cfg = launch_config(p.D, q.element_size(), "dkdv")
+        bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        group = p.H // p.H_kv
+        listed = a.sel.path == LIST
+        # One list per query head of a group: programs per query head, summed over the group below.
+        per_head = listed and a.sel.H_s > p.H_kv
+        n_heads, h_out = (1, p.H) if per_head else (group, p.H_kv)
+        if per_head:
+            dk_buf = torch.zeros(p.B, p.K, p.H, p.D, dtype=torch.float32, device=dev)
+            dv_buf = torch.zeros_like(dk_buf)
+        else:
+            dk_buf = dk if dk is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
+            dv_buf = dv if dv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
+            if listed:  # keys in no list get no gradient, and no program visits them
+                dk_buf.zero_()
+                dv_buf.zero_()
+        # Every (b, h, key) of a contiguous tiling is written; a list leaves the other keys at 0.
+        db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
+        n_keys = a.sizes["W"] if listed else p.K
+        grid = (triton.cdiv(n_keys, bn), p.B * p.H // n_heads)
+        dma_bwd_dkdv_kernel[grid](
+            q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, a.idx, a.tv, a.ti,
+            *a.strides, *dout.stride(), **a.sizes, N_HEADS=n_heads, H_OUT=h_out, **a.scalars,
+            BLOCK_M=bm, BLOCK_N=bn, **a.flags, WRITE_DKDV=dk is not None or dv is not None,
+            WRITE_DB=write_db, **cfg)
+        if per_head:
+            for grad, buf in ((dk, dk_buf), (dv, dv_buf)):
+                if grad is not None:
+                    grad.copy_(buf.view(p.B, p.K, p.H_kv, group, p.D).sum(3))
+        if write_db:
+            dbias_f32 = db.unsqueeze(2)
+
+    if dbias is not None:
+        dbias.copy_(_reduce_dbias(dbias_f32, bias.shape))

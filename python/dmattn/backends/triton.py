@@ -1,0 +1,76 @@
+"""The Triton backend (``dmattn.kernels.triton``): CUDA tensors, and CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1``) for testing only, never picked by auto-selection there.
+
+Exact for every feature; fast on the LIST path (query-broadcast bias and mask, global scope or no
+causality). The THRESHOLD path (visible scope with causality, or a per-query bias/mask) computes
+its per-query thresholds with O(Q*K) torch work and runs the kernels over every causal key tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .base import ALL_FEATURES, Backend, new_output
+
+try:
+    from ..kernels.triton import attention as _attention
+    from ..kernels.triton import selection as _selection
+    _LOAD_ERROR = None
+except ImportError as exc:  # keep the text: `python -m dmattn` and dispatch errors show it
+    _attention = _selection = None
+    _LOAD_ERROR = f"triton kernels did not import ({exc})"
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = frozenset({"cuda", "cpu"} if _INTERPRETED else {"cuda"})
+    auto_devices = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    # Any D up to 256: padded to a power of two >= 16 inside the kernels, the tail masked.
+    head_dims = range(1, 257)
+    # No atomics anywhere (see attention.py), so every run is bitwise identical.
+    deterministic = True
+    features = ALL_FEATURES
+
+    def load_error(self):
+        return _LOAD_ERROR
+
+    def forward(self, problem, q, k, v, bias, mask):
+        p = problem
+        out = new_output((p.B, p.Q, p.H, p.D), q.dtype, q.device)
+        lse = new_output((p.B, p.H, p.Q), torch.float32, q.device)
+        with _device_of(q):
+            _attention.forward(p, *_plain(q, k, v, bias, mask), out, lse)
+        return out, lse
+
+    def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
+        grads = [new_output(t.shape, t.dtype, t.device) if n and t is not None else None
+                 for t, n in zip((q, k, v, bias), needs)]
+        with _device_of(q):
+            _attention.backward(problem, *_plain(dout, q, k, v, bias, mask, out, lse), *grads)
+        return tuple(grads)
+
+    def visible_mask(self, problem, bias, mask):
+        p = problem
+        return _selection.visible_mask(*_plain(bias, mask), B=p.B, H=p.H, Q=p.Q, K=p.K, window=p.window,
+                                       scope=p.topk_scope, is_causal=p.is_causal)
+
+    def topk_indices(self, bias, mask, window):
+        bias, mask = _plain(bias, mask)
+        idx = _selection.selected_lists(bias, mask, window).long()
+        return idx.masked_fill_(idx == bias.shape[-1], -1)
+
+
+def _plain(*tensors):
+    """The kernels never need the autograd view."""
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
+def _device_of(t):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
