@@ -89,6 +89,11 @@ class Backend:
         """Returns ``(dq, dk, dv, dbias)``; an entry whose ``needs`` flag is False may be None."""
         raise NotImplementedError
 
+    def select(self, problem: Problem, bias, mask):
+        """The selection metadata this backend's kernels consume, built alone, or None when the
+        backend selects inside its kernels. Used to time selection separately (benchmarks)."""
+        return None
+
     def visible_mask(self, problem: Problem, bias, mask) -> torch.Tensor:
         """Dense bool (B, H, Q, K) ``visible`` mask (SPEC), for ``topk_mask``."""
         raise NotImplementedError

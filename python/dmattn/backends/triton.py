@@ -55,6 +55,12 @@ class TritonBackend(Backend):
             _attention.backward(problem, *_plain(dout, q, k, v, bias, mask, out, lse), *grads)
         return tuple(grads)
 
+    def select(self, problem, bias, mask):
+        p = problem
+        with _device_of(bias if bias is not None else mask):
+            return _selection.make_selection(*_plain(bias, mask), window=p.effective_window, K=p.K, Q=p.Q,
+                                             scope=p.topk_scope, is_causal=p.is_causal)
+
     def visible_mask(self, problem, bias, mask):
         p = problem
         return _selection.visible_mask(*_plain(bias, mask), B=p.B, H=p.H, Q=p.Q, K=p.K, window=p.window,
