@@ -58,11 +58,13 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
     number of tiles (measured on the test cases: 16 is ~2.3x slower than 32, 64 ~1.6x faster);
     32 keeps several full and partial tiles, and several query blocks per key tile, in the tests'
     small shapes.
-    CUDA (starting points for the H200, to be tuned): the forward keeps a 128-row query block for
-    D <= 128 (the FlashAttention-2 choice) and halves it for D = 256 so q, k and v tiles fit in
-    shared memory; the backward holds more live tiles (q, k, v, dO and two accumulators), so it uses
-    64 x 64 tiles up to D = 128 and 32 x 32 beyond; float32 inputs double the bytes per tile and
-    take the next smaller tile."""
+    CUDA: 256-byte rows (D = 128 in bf16/fp16) were swept on an H200 (T32k, global scope, list
+    path; benchmarks/results/triton-sweep-h200-2026-11-28.log): forward 128 x 32 with 4 warps and 2
+    stages took 2.89 ms against 3.62 ms for 128 x 64 and 4.7 ms for the earlier 128 x 64 / 8 warps
+    (the gathered key tile is loaded row by row, so narrower key tiles pipeline better); backward
+    128 x 64 with 8 warps and 2 stages gave fwd+bwd 15.6 ms against 18.2 ms for 64 x 64 / 4 warps.
+    Other row sizes are unswept starting points: 128-byte rows keep the FlashAttention-2 128 x 64
+    forward, 512-byte rows (D = 256, or D = 128 in fp32) halve the tiles to fit shared memory."""
     if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     bytes_d = _head_block(D) * elem_size
@@ -70,10 +72,12 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
         if bytes_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         if bytes_d <= 256:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if bytes_d <= 256:
+    if bytes_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if bytes_d <= 256:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
