@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dmattn
 from dmattn import cuda_ext, reference
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ext.available()),
@@ -25,7 +24,8 @@ def test_gpu_topk_indices_matches_reference(shapes, bias_dtype):
     g = torch.Generator().manual_seed(0)
     bias = (torch.randint(0, 7, bshape, generator=g) * 0.5).to(bias_dtype)  # many ties
     mask = None if mshape is None else torch.rand(mshape, generator=g) < 0.6
-    got = dmattn.topk_indices(bias.cuda(), window, None if mask is None else mask.cuda())
+    rows = tuple(max(bshape[d], 1 if mshape is None else mshape[d]) for d in range(3))
+    got = cuda_ext.topk_indices(bias.cuda(), None if mask is None else mask.cuda(), window, rows)
     assert got.is_cuda
     torch.testing.assert_close(got.cpu(), reference.topk_indices(bias, window, mask), rtol=0, atol=0)
 
@@ -33,7 +33,7 @@ def test_gpu_topk_indices_matches_reference(shapes, bias_dtype):
 @needs_gpu
 def test_gpu_topk_indices_strided_bias():
     bias = torch.randn(2, 3, 1, 128, device="cuda")[:, 1:2].expand(2, 4, 1, 128)
-    got = dmattn.topk_indices(bias, 10)
+    got = cuda_ext.topk_indices(bias, None, 10, (2, 4, 1))
     torch.testing.assert_close(got.cpu(), reference.topk_indices(bias.cpu(), 10), rtol=0, atol=0)
 
 

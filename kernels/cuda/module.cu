@@ -2,8 +2,8 @@
 // compiled from the same selection header as the CPU core (cpp/include/dmattn/selection.h).
 //
 // The selection here is one thread per broadcast row with a running top-w heap: exact and simple,
-// meant for `dmattn.topk_indices` on CUDA tensors (debugging and interop). The attention backend
-// will bring its own parallel select; the tie rule and threshold logic stay in the shared header.
+// the first GPU consumer of the shared header and the CUDA backend's starting point. The attention
+// backend will bring its own parallel select; the tie rule and threshold logic stay in the header.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -97,7 +97,8 @@ def _thresholds(values: torch.Tensor, candidate: Optional[torch.Tensor], window:
     if candidate is not None:
         keys = torch.where(candidate, keys, _INT64_MIN)
         values = values.expand(keys.shape)
-    kth = keys.topk(window, dim=-1).values[..., -1:]
+    # The w-th largest key is the minimum of the top w; unsorted top-k skips sorting those w.
+    kth = keys.topk(window, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     needed = window - (keys > kth).sum(-1, keepdim=True)
     # Position of the needed-th key equal to kth: the number of positions before it.
     ti = ((keys == kth).cumsum(-1) < needed).sum(-1, keepdim=True)
@@ -131,9 +132,14 @@ def selected_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int
     keep = allowed if allowed is not None else torch.ones((), dtype=torch.bool, device=bias.device)
     if window < K:
         keep = keep & _passes(values, *_thresholds(values, allowed, window))
-    j = torch.arange(K, device=bias.device, dtype=torch.int32)
-    chosen = torch.where(keep, j, K).expand(B_s, H_s, Q_s, K)
-    return torch.sort(chosen, dim=-1).values[..., :min(window, K)].contiguous()
+    keep = keep.expand(B_s, H_s, Q_s, K)
+    # Compaction without a sort: a kept key's slot is the number of kept keys before it; the
+    # dropped keys all write the sentinel into one spare slot that is cut off afterwards.
+    W = min(window, K)
+    slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).to(torch.int64)
+    j = torch.arange(K, device=bias.device, dtype=torch.int32).expand(B_s, H_s, Q_s, K)
+    out = torch.full((B_s, H_s, Q_s, W + 1), K, dtype=torch.int32, device=bias.device)
+    return out.scatter_(-1, slot, torch.where(keep, j, K))[..., :W].contiguous()
 
 
 def thresholds(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_s: int, H_s: int, Q: int,

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import cuda_ext, dispatch, ops
+from . import dispatch, ops
 from .problem import make_problem
 
 __all__ = ["dma_attention", "topk_mask", "topk_indices", "explain"]
@@ -148,8 +148,6 @@ def topk_indices(bias: torch.Tensor, window: int, mask: Optional[torch.Tensor] =
         with -1 where a row has fewer allowed keys than ``window``.
     """
     problem = _selection_problem(bias, mask, None, window=window, topk_scope="global", is_causal=False)
-    if backend == "auto" and problem.device.type == "cuda" and cuda_ext.available():
-        return cuda_ext.topk_indices(bias, mask, window, (problem.B, problem.H, problem.Q))
     return _selector(problem, backend).topk_indices(bias, mask, window)
 
 

@@ -1,5 +1,7 @@
-"""The compiled CUDA module ``dmattn._cuda``, when it was built and imports, and what it offers
-outside the attention backends: build information and ``topk_indices`` on CUDA tensors."""
+"""The compiled CUDA module ``dmattn._cuda``, when it was built and imports: build information and
+an exact one-thread-per-row ``topk_indices`` on CUDA tensors, compiled from the selection header
+shared with the CPU core (the building block of the CUDA backend's selection; ``dmattn.topk_indices``
+itself goes through the backend registry)."""
 
 from __future__ import annotations
 
