@@ -121,3 +121,22 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     if _POISON:
         t.fill_(float("nan") if dtype.is_floating_point else True if dtype == torch.bool else -2)
     return t
+
+
+def forward_outputs(problem: Problem, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Q, H, D) in q's dtype, lse (B, H, Q) float32)``, contiguous, for a kernel to fill."""
+    p = problem
+    return (new_output((p.B, p.Q, p.H, p.D), q.dtype, q.device),
+            new_output((p.B, p.H, p.Q), torch.float32, q.device))
+
+
+def gradient_outputs(inputs, needs) -> list:
+    """One contiguous gradient per (input, wanted) pair in the input's shape and dtype, else None."""
+    return [new_output(t.shape, t.dtype, t.device) if n and t is not None else None
+            for t, n in zip(inputs, needs)]
+
+
+def plain(*tensors) -> tuple:
+    """The tensors without their autograd view: kernels never need it, and DLPack refuses tensors
+    that require grad."""
+    return tuple(None if t is None else t.detach() for t in tensors)

@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from .base import ALL_FEATURES, Backend, new_output
+from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output, plain
 
 try:
     _C = importlib.import_module("dmattn._C")
@@ -23,11 +23,6 @@ def _kernel_args(problem):
                 num_threads=torch.get_num_threads())
 
 
-def _plain(t):
-    """DLPack refuses tensors that require grad; the kernels never need the autograd view."""
-    return None if t is None else t.detach()
-
-
 class CpuBackend(Backend):
     name = "cpu"
     device_types = frozenset({"cpu"})
@@ -40,17 +35,13 @@ class CpuBackend(Backend):
         return _LOAD_ERROR
 
     def forward(self, problem, q, k, v, bias, mask):
-        p = problem
-        out = new_output((p.B, p.Q, p.H, p.D), q.dtype, q.device)
-        lse = new_output((p.B, p.H, p.Q), torch.float32, q.device)
-        _C.fwd(*map(_plain, (q, k, v, bias, mask)), out, lse, **_kernel_args(p))
+        out, lse = forward_outputs(problem, q)
+        _C.fwd(*plain(q, k, v, bias, mask), out, lse, **_kernel_args(problem))
         return out, lse
 
     def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
-        like = (q, k, v, bias)
-        grads = [new_output(t.shape, t.dtype, t.device) if n and t is not None else None
-                 for t, n in zip(like, needs)]
-        _C.bwd(*map(_plain, (q, k, v, bias, mask, out, dout, lse)), *grads,
+        grads = gradient_outputs((q, k, v, bias), needs)
+        _C.bwd(*plain(q, k, v, bias, mask, out, dout, lse), *grads,
                deterministic=problem.deterministic, **_kernel_args(problem))
         return tuple(grads)
 
@@ -58,7 +49,7 @@ class CpuBackend(Backend):
         p = problem
         out = new_output((p.B, p.H, p.Q, p.K), torch.bool, bias.device)
         args = _kernel_args(p)
-        _C.visible_mask(_plain(bias), _plain(mask), out, B=p.B, H=p.H, Hkv=p.H_kv, Q=p.Q, K=p.K,
+        _C.visible_mask(*plain(bias, mask), out, B=p.B, H=p.H, Hkv=p.H_kv, Q=p.Q, K=p.K,
                         is_causal=p.is_causal, window=args["window"], scope_global=args["scope_global"],
                         num_threads=args["num_threads"])
         return out
@@ -67,5 +58,5 @@ class CpuBackend(Backend):
         shapes = [bias.shape] + ([mask.shape] if mask is not None else [])
         rows = tuple(max(s[d] for s in shapes) for d in range(3))
         out = new_output(rows + (min(window, bias.shape[-1]),), torch.int64, bias.device)
-        _C.topk_indices(_plain(bias), _plain(mask), out, window=window, num_threads=torch.get_num_threads())
+        _C.topk_indices(*plain(bias, mask), out, window=window, num_threads=torch.get_num_threads())
         return out

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .base import ALL_FEATURES, Backend, new_output
+from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, plain
 
 try:
     from ..kernels.triton import attention as _attention
@@ -41,40 +41,32 @@ class TritonBackend(Backend):
         return _LOAD_ERROR
 
     def forward(self, problem, q, k, v, bias, mask):
-        p = problem
-        out = new_output((p.B, p.Q, p.H, p.D), q.dtype, q.device)
-        lse = new_output((p.B, p.H, p.Q), torch.float32, q.device)
+        out, lse = forward_outputs(problem, q)
         with _device_of(q):
-            _attention.forward(p, *_plain(q, k, v, bias, mask), out, lse)
+            _attention.forward(problem, *plain(q, k, v, bias, mask), out, lse)
         return out, lse
 
     def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
-        grads = [new_output(t.shape, t.dtype, t.device) if n and t is not None else None
-                 for t, n in zip((q, k, v, bias), needs)]
+        grads = gradient_outputs((q, k, v, bias), needs)
         with _device_of(q):
-            _attention.backward(problem, *_plain(dout, q, k, v, bias, mask, out, lse), *grads)
+            _attention.backward(problem, *plain(dout, q, k, v, bias, mask, out, lse), *grads)
         return tuple(grads)
 
     def select(self, problem, bias, mask):
         p = problem
         with _device_of(bias if bias is not None else mask):
-            return _selection.make_selection(*_plain(bias, mask), window=p.effective_window, K=p.K, Q=p.Q,
+            return _selection.make_selection(*plain(bias, mask), window=p.effective_window, K=p.K, Q=p.Q,
                                              scope=p.topk_scope, is_causal=p.is_causal)
 
     def visible_mask(self, problem, bias, mask):
         p = problem
-        return _selection.visible_mask(*_plain(bias, mask), B=p.B, H=p.H, Q=p.Q, K=p.K, window=p.window,
+        return _selection.visible_mask(*plain(bias, mask), B=p.B, H=p.H, Q=p.Q, K=p.K, window=p.window,
                                        scope=p.topk_scope, is_causal=p.is_causal)
 
     def topk_indices(self, bias, mask, window):
-        bias, mask = _plain(bias, mask)
+        bias, mask = plain(bias, mask)
         idx = _selection.selected_lists(bias, mask, window).long()
         return idx.masked_fill_(idx == bias.shape[-1], -1)
-
-
-def _plain(*tensors):
-    """The kernels never need the autograd view."""
-    return tuple(None if t is None else t.detach() for t in tensors)
 
 
 def _device_of(t):
