@@ -153,6 +153,26 @@ def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.con
     return offs_n, n_ok
 
 
+@triton.jit
+def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, BLOCK_M: tl.constexpr,
+                      PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
+    zeros otherwise) and ``limit``, the number of list entries (LIST) or contiguous keys the
+    block can see at all."""
+    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if PATH == _THRESHOLD:
+        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))  # [BLOCK_M]
+        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+    if PATH == _LIST:
+        limit = tl.load(Cnt + row * NBLK + pid_m)
+    elif IS_CAUSAL:
+        limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
+    else:
+        limit = K
+    return tv, ti, limit
+
+
 @triton.jit(do_not_specialize=_SIZES + ("NBLK",))
 def dma_fwd_kernel(
     Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI,
@@ -181,18 +201,8 @@ def dma_fwd_kernel(
     d_ok = offs_d < D
     q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
-    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if PATH == _THRESHOLD:
-        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))  # [BLOCK_M]
-        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
-
-    if PATH == _LIST:
-        limit = tl.load(Cnt + row * NBLK + pid_m)
-    elif IS_CAUSAL:
-        limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
-    else:
-        limit = K
+    tv, ti, limit = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK,
+                                      BLOCK_M, PATH, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -261,18 +271,8 @@ def dma_bwd_dq_kernel(
     # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
-    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
-    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if PATH == _THRESHOLD:
-        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
-        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
-
-    if PATH == _LIST:
-        limit = tl.load(Cnt + row * NBLK + pid_m)
-    elif IS_CAUSAL:
-        limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
-    else:
-        limit = K
+    tv, ti, limit = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK,
+                                      BLOCK_M, PATH, IS_CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, limit, BLOCK_N):
