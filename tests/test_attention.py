@@ -42,6 +42,13 @@ def _matrix() -> list[Case]:
     # Head dims.
     for D in (1, 8, 80, 128, 256):
         cases.append(Case(B=1, Q=33, K=47, D=D, window=20, causal=True))
+    # Decode and a few queries: kernels that take a kv head's whole group of query rows at once and
+    # split the key list over programs; a per-query-head selection, and Q > K with empty rows.
+    cases += [Case(Q=1, K=300, H=6, H_kv=2, mask="b_hkv_1", window=50),
+              Case(Q=3, K=200, H=4, H_kv=1, bias="1_1_1", window=37, scope="global", causal=True, softcap=2.5),
+              Case(B=1, Q=1, K=577, H=4, H_kv=4, bias="b_h_1", window=100, causal=True),
+              Case(Q=2, K=130, bias="b_h_1", window=20, scope="global", causal=True),
+              Case(Q=5, K=3, window=2, scope="global", causal=True)]
     return cases
 
 

@@ -103,5 +103,5 @@ def test_path_choice():
     assert sel.choose_path(10, 10, False, "visible", True) == sel.DENSE
     assert sel.choose_path(3, 10, True, "global", True) == sel.LIST
     assert sel.choose_path(3, 10, True, "visible", False) == sel.LIST
-    assert sel.choose_path(3, 10, True, "visible", True) == sel.THRESHOLD
+    assert sel.choose_path(3, 10, True, "visible", True) == sel.PREFIX
     assert sel.choose_path(3, 10, False, "global", False) == sel.THRESHOLD

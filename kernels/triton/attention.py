@@ -7,6 +7,10 @@ Kernels visit keys in one of three ways, chosen by the selection path (``selecti
 - LIST: the tiles are positions of the row's sorted list of selected keys; key, value and bias rows
   are gathered through the loaded indices, and only the list prefix a query block can see
   causally is visited.
+- PREFIX (visible scope): the same gather over the query block's own list of alive keys
+  (``prefix.py``), with the per-element test ``j <= c_i < death_j``. The dk/dv kernel takes its key
+  tiles from the row's ever-alive keys ordered by death and visits only the query blocks between
+  the tile's first key and its last death.
 
 Scores, softmax and every accumulator are float32. Bias and mask are read through their strides
 (stride 0 on broadcast dimensions) and never materialised. A query row with no visible key (or
@@ -27,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import LIST, THRESHOLD, block_counts, make_selection
+from .prefix import alive_order, block_lists
+from .selection import LIST, PREFIX, THRESHOLD, block_counts, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
 # operand is upcast to float32, and one fixed launch configuration is used.
@@ -43,6 +48,7 @@ _SIZES = ("sbb", "sbh", "sbm", "smb", "smh", "smm", "Q", "K", "H", "GROUP", "HB"
 # Kernels can only read globals that are constexpr.
 _LIST = tl.constexpr(LIST)
 _THRESHOLD = tl.constexpr(THRESHOLD)
+_PREFIX = tl.constexpr(PREFIX)
 
 
 def _head_block(D: int) -> int:
@@ -100,13 +106,14 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death,
             off, scale, softcap,
             IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
             SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
     """Scores of a [BLOCK_M, BLOCK_N] tile, -inf where the key is not visible to the query, and
-    tanh of the capped scores (for the softcap chain rule; 0 without softcap)."""
+    tanh of the capped scores (for the softcap chain rule; 0 without softcap). ``death``
+    [BLOCK_N]: the keys' death positions on the PREFIX path (ignored elsewhere)."""
     s = _dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         t = _tanh(s / softcap)
@@ -116,6 +123,8 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
     vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
     if IS_CAUSAL:
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+    if PATH == _PREFIX:
+        vis = vis & (death[None, :] > offs_m[:, None] + off)
     if HAS_BIAS:
         if BIAS_PER_QUERY:
             braw = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
@@ -127,8 +136,8 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
             # The selection compares bias values as given, in float32 (float64 for a float64 bias).
             bc = braw.to(tv.dtype)
             vis = vis & ((bc > tv[:, None]) | ((bc == tv[:, None]) & (offs_n[None, :] <= ti[:, None])))
-    # On the LIST path the mask is query-broadcast and already part of the list.
-    if HAS_MASK and PATH != _LIST:
+    # On the LIST and PREFIX paths the mask is query-broadcast and already part of the metadata.
+    if HAS_MASK and PATH != _LIST and PATH != _PREFIX:
         if MASK_PER_QUERY:
             allowed = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=vis, other=0)
         else:
@@ -141,10 +150,10 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
 @triton.jit
 def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.constexpr):
     """Key indices of the tile starting at ``start`` and which of them are real: list entries
-    (LIST; positions at or beyond ``limit`` and padding read as the sentinel K) or the contiguous
-    keys below ``limit``."""
+    (LIST and PREFIX; positions at or beyond ``limit`` and padding read as the sentinel K) or the
+    contiguous keys below ``limit``."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    if PATH == _LIST:
+    if PATH == _LIST or PATH == _PREFIX:
         offs_n = tl.load(Idx + idx_row + pos, mask=pos < limit, other=K)
         n_ok = offs_n < K
     else:
@@ -154,28 +163,42 @@ def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.con
 
 
 @triton.jit
-def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, BLOCK_M: tl.constexpr,
+def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
+    """The death positions of a tile's keys on the PREFIX path; a placeholder elsewhere."""
+    if PATH == _PREFIX:
+        death = tl.load(Dth + row * K + offs_n, mask=n_ok, other=0)
+    else:
+        death = offs_n
+    return death
+
+
+@triton.jit
+def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
                       PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
-    zeros otherwise) and ``limit``, the number of list entries (LIST) or contiguous keys the
-    block can see at all."""
+    zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
+    block can see at all, and where its list starts in Idx (the row's list of W entries for LIST,
+    the block's own list of W entries for PREFIX)."""
     tv = tl.zeros([BLOCK_M], dtype=tl.float32)
     ti = tl.zeros([BLOCK_M], dtype=tl.int32)
     if PATH == _THRESHOLD:
         tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))  # [BLOCK_M]
         ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
-    if PATH == _LIST:
+    idx_row = row * W
+    if PATH == _PREFIX:
+        idx_row = (row * NBLK + pid_m) * W
+    if PATH == _LIST or PATH == _PREFIX:
         limit = tl.load(Cnt + row * NBLK + pid_m)
     elif IS_CAUSAL:
         limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
     else:
         limit = K
-    return tv, ti, limit
+    return tv, ti, limit, idx_row
 
 
 @triton.jit(do_not_specialize=_SIZES + ("NBLK",))
 def dma_fwd_kernel(
-    Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI,
+    Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sob, som, soh, sod,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
@@ -201,19 +224,20 @@ def dma_fwd_kernel(
     d_ok = offs_d < D
     q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    tv, ti, limit = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK,
-                                      BLOCK_M, PATH, IS_CAUSAL)
+    tv, ti, limit, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+                                               BLOCK_M, PATH, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, limit, BLOCK_N):
-        offs_n, n_ok = _key_tile(Idx, row * W, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        death = _death(Dth, row, K, offs_n, n_ok, PATH)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                       off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                       death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
                        PATH, SOFTCAP, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far keeps m = -inf; shift by 0 so exp gives 0, not NaN.
@@ -236,7 +260,7 @@ def dma_fwd_kernel(
 
 @triton.jit(do_not_specialize=_SIZES + ("NBLK",))
 def dma_bwd_dq_kernel(
-    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI,
+    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
@@ -271,19 +295,20 @@ def dma_bwd_dq_kernel(
     # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
-    tv, ti, limit = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK,
-                                      BLOCK_M, PATH, IS_CAUSAL)
+    tv, ti, limit, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+                                               BLOCK_M, PATH, IS_CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, limit, BLOCK_N):
-        offs_n, n_ok = _key_tile(Idx, row * W, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        death = _death(Dth, row, K, offs_n, n_ok, PATH)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                       off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                       death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
                        PATH, SOFTCAP, UPCAST)
         p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
         dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
@@ -302,7 +327,7 @@ def dma_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_SIZES + ("N_HEADS", "H_OUT"))
 def dma_bwd_dkdv_kernel(
-    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DK, DV, DB, Idx, TV, TI,
+    Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DK, DV, DB, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, N_HEADS, H_OUT,
@@ -331,21 +356,32 @@ def dma_bwd_dkdv_kernel(
     row0 = (b * SEL_B + h0 * H_S // H).to(tl.int64)
     if PATH == _LIST:
         n_limit = W
+        idx_row = row0 * W
+    elif PATH == _PREFIX:  # the row's ever-alive keys, by death
+        n_limit = tl.load(Cnt + row0)
+        idx_row = row0 * K
     else:
         n_limit = K
-    offs_n, n_ok = _key_tile(Idx, row0 * W, pid_n * BLOCK_N, n_limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+        idx_row = 0
+    offs_n, n_ok = _key_tile(Idx, idx_row, pid_n * BLOCK_N, n_limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    # Every query head of the program shares row0's selection (N_HEADS > 1 only when the selection
+    # rows do not split a kv head's group).
+    death = _death(Dth, row0, K, offs_n, n_ok, PATH)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                 mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
                 mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    # Keys are ascending within a tile (lists are sorted), so the first query that can see any of
-    # them causally is the one of the smallest key.
+    # The first query that can see any of the tile's keys causally is the one of the smallest key;
+    # on the PREFIX path the last one is just below the latest death.
     if IS_CAUSAL:
         first = tl.min(tl.where(n_ok, offs_n, K))
         m_lo = tl.maximum(first - off, 0) // BLOCK_M * BLOCK_M
     else:
         m_lo = 0
+    m_hi = Q
+    if PATH == _PREFIX:
+        m_hi = tl.minimum(tl.maximum(tl.max(tl.where(n_ok, death, 0)) - off, 0), Q)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -356,7 +392,7 @@ def dma_bwd_dkdv_kernel(
         bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
         mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(m_lo, Q, BLOCK_M):
+        for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
             m_ok = offs_m < Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
@@ -373,7 +409,7 @@ def dma_bwd_dkdv_kernel(
                 tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
                 ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
             s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                           off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                           death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
                            PATH, SOFTCAP, UPCAST)
             p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
@@ -389,6 +425,99 @@ def dma_bwd_dkdv_kernel(
         out_rows = (b * K + offs_n[:, None].to(tl.int64)) * H_OUT + h_out
         tl.store(DK + out_rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out_rows * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=_SIZES + ("NSPLIT", "CHUNK"))
+def dma_fwd_split_kernel(
+    Qp, Kp, Vp, Bp, PartO, PartM, PartL, Idx, Cnt,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sbb, sbh, sbm, sbn,
+    Q, K, H, GROUP, D: tl.constexpr, HB, SEL_B, H_S, W, NSPLIT, CHUNK,
+    scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Few queries (decode), LIST path: program (split s, batch b, kv head g) takes the GROUP * Q
+    (query head, query) rows of kv head g as one tile (they share the list and every gathered key
+    and value row) over list entries s*CHUNK .. +CHUNK-1, and writes the unnormalised partial
+    output, row max and row sum; ``dma_fwd_combine_kernel`` merges the splits. Spreading one list
+    over many programs is what keeps a single query from running on a handful of SMs."""
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    H_kv = H // GROUP
+    b = (pid_bg // H_kv).to(tl.int64)
+    g = pid_bg % H_kv
+    off = K - Q
+    row = (b * SEL_B + g * GROUP * H_S // H).to(tl.int64)  # the group's shared selection row
+
+    r = tl.arange(0, BLOCK_M)  # [BLOCK_M] rows: (head g*GROUP + r // Q, query r % Q)
+    r_ok = r < GROUP * Q
+    h = (g * GROUP + r // Q).to(tl.int64)
+    i = (r % Q).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_ok = offs_d < D
+    q = tl.load(Qp + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    bias_rows = Bp + b * sbb + (h * HB // H) * sbh + i * sbm  # [BLOCK_M]
+
+    limit = tl.load(Cnt + row)
+    end = tl.minimum(pid_s * CHUNK + CHUNK, limit)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(pid_s * CHUNK, end, BLOCK_N):
+        offs_n, n_ok = _key_tile(Idx, row * W, start, end, K, BLOCK_N, _LIST)  # [BLOCK_N]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = _dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        vis = r_ok[:, None] & n_ok[None, :]
+        if IS_CAUSAL:
+            vis = vis & (offs_n[None, :] <= i[:, None] + off)
+        if HAS_BIAS:
+            braw = tl.load(bias_rows[:, None] + offs_n[None, :] * sbn, mask=vis, other=0.0)
+            s = s + braw.to(tl.float32)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    part = (pid_s * (tl.num_programs(1) * GROUP * Q) + pid_bg * GROUP * Q + r).to(tl.int64)  # [BLOCK_M]
+    tl.store(PartO + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_ok[:, None])
+    tl.store(PartM + part, m_i, mask=r_ok)
+    tl.store(PartL + part, l_i, mask=r_ok)
+
+
+@triton.jit
+def dma_fwd_combine_kernel(PartO, PartM, PartL, Out, Lse, ROWS, Q, H, GROUP, sob, som, soh, sod,
+                           D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program x: row x = ((b * H_kv + g) * GROUP + head in group) * Q + query of the split
+    kernel; merges its NSPLIT partials (a split that saw no key has m = -inf and l = 0)."""
+    x = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, NSPLIT)  # [NSPLIT]
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.load(PartM + sp * ROWS + x)  # [NSPLIT]
+    l = tl.load(PartL + sp * ROWS + x)
+    m_all = tl.max(m, 0)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    wgt = tl.exp(m - m_use)  # [NSPLIT]
+    l_all = tl.sum(l * wgt, 0)
+    acc = tl.sum(tl.load(PartO + (sp[:, None] * ROWS + x) * BLOCK_D + offs_d[None, :]) * wgt[:, None], 0)
+    has_keys = l_all > 0.0
+    out = acc / tl.where(has_keys, l_all, 1.0)  # [BLOCK_D]
+    lse = tl.where(has_keys, m_use + tl.log(tl.where(has_keys, l_all, 1.0)), float("-inf"))
+    b = x // (H * Q)
+    h = x // Q % H  # rows of one batch run over (g, head in group) = query head h, then query
+    i = x % Q
+    tl.store(Out + b * sob + h * soh + i * som + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    tl.store(Lse + (b * H + h) * Q + i, lse)
 
 
 def _broadcast_strides(t: torch.Tensor) -> list[int]:
@@ -412,9 +541,10 @@ class _Launch:
         dev = q.device
         ints = torch.zeros(1, dtype=torch.int32, device=dev)  # placeholder for absent int32 metadata
         sel = self.sel
-        self.idx = sel.idx if sel.idx is not None else ints
+        self.ints = ints
         self.tv = sel.tv if sel.tv is not None else torch.zeros(1, dtype=torch.float32, device=dev)
         self.ti = sel.ti if sel.ti is not None else ints
+        self.death = sel.death if sel.death is not None else ints
         self.bias = bias if bias is not None else q
         self.mask = mask if mask is not None else ints
         self.q, self.k, self.v = q, k, v
@@ -423,33 +553,94 @@ class _Launch:
                         *(_broadcast_strides(mask) if mask is not None else [0] * 4)]
         self.sizes = dict(Q=p.Q, K=p.K, H=p.H, GROUP=p.H // p.H_kv, D=p.D,
                           HB=1 if bias is None else bias.shape[1], HM=1 if mask is None else mask.shape[1],
-                          SEL_B=sel.H_s if sel.B_s > 1 else 0, H_S=sel.H_s,
-                          W=0 if sel.idx is None else sel.idx.shape[-1])
+                          SEL_B=sel.H_s if sel.B_s > 1 else 0, H_S=sel.H_s)
         self.flags = dict(BLOCK_D=_head_block(p.D), IS_CAUSAL=p.is_causal, HAS_BIAS=bias is not None,
                           BIAS_PER_QUERY=bias is not None and bias.shape[2] > 1, HAS_MASK=mask is not None,
                           MASK_PER_QUERY=mask is not None and mask.shape[2] > 1, PATH=sel.path,
                           SOFTCAP=p.softcap is not None, UPCAST=INTERPRETED)
         self.scalars = dict(scale=p.scale, softcap=p.softcap or 1.0)
 
-    def counts(self, block_m: int) -> torch.Tensor:
-        """Per (selection row, query block) list prefix lengths (LIST), else a placeholder."""
-        if self.sel.path != LIST:
-            return self.idx
-        return block_counts(self.sel.idx, self.p.Q, self.p.K, block_m, self.p.is_causal)
+    def query_lists(self, block_m: int) -> dict:
+        """The key lists the forward and dq kernels walk for query blocks of ``block_m``: Idx, Cnt
+        (per selection row and query block: list length), W (entries per list) and NBLK.
+        LIST: the row's list and the prefix each block can see; PREFIX: each block's alive keys;
+        placeholders on the other paths."""
+        p, sel = self.p, self.sel
+        if sel.path == LIST:
+            cnt = block_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
+            return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
+        if sel.path == PREFIX:
+            idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
+            return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[-1])
+        return dict(Idx=self.ints, Cnt=self.ints, W=0, NBLK=1)
+
+    def key_tiles(self) -> dict:
+        """The keys the dk/dv kernel tiles: Idx, Cnt, W, and how many keys to cover (n_keys).
+        LIST: the row's list; PREFIX: the row's ever-alive keys by death (Cnt: how many per row);
+        contiguous keys otherwise."""
+        p, sel = self.p, self.sel
+        if sel.path == LIST:
+            return dict(Idx=sel.idx, Cnt=self.ints, W=sel.idx.shape[-1]), sel.idx.shape[-1]
+        if sel.path == PREFIX:
+            order, alive = alive_order(sel.death.view(-1, p.K))
+            return dict(Idx=order, Cnt=alive, W=0), p.K
+        return dict(Idx=self.ints, Cnt=self.ints, W=0), p.K
 
 
 def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fills ``out`` (B, Q, H, D) and ``lse`` (B, H, Q) float32, both contiguous. ``p`` is the
     call's Problem (sizes, scale, softcap, causality, window and scope)."""
     a = _Launch(p, q, k, v, bias, mask)
+    group = p.H // p.H_kv
+    if a.sel.path == LIST and p.Q * group <= _SPLIT_ROWS and a.sel.H_s <= p.H_kv:
+        _forward_split(a, out, lse)
+        return
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    counts = a.counts(bm)
+    lists = a.query_lists(bm)
     grid = (triton.cdiv(p.Q, bm), p.B * p.H)
     dma_fwd_kernel[grid](
-        q, k, v, a.bias, a.mask, out, lse, a.idx, counts, a.tv, a.ti,
-        *a.strides, *out.stride(), **a.sizes, NBLK=counts.shape[-1] if a.sel.path == LIST else 1,
-        **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
+        q, k, v, a.bias, a.mask, out, lse, lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death,
+        *a.strides, *out.stride(), **a.sizes, **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
+
+
+# The split (decode) forward takes a kv head's GROUP * Q rows as one tile up to this many rows.
+_SPLIT_ROWS = 64
+_SM_COUNT: dict = {}
+
+
+def _split_count(dev: torch.device, tiles: int, programs: int) -> int:
+    """How many programs share one list: enough for about two per SM, at most one per key tile.
+    Under the interpreter a fixed 3, so the tests cover the merge of uneven splits."""
+    if dev.type != "cuda":
+        return max(1, min(3, tiles))
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return max(1, min(tiles, 2 * _SM_COUNT[dev] // programs))
+
+
+def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:
+    p, q = a.p, a.q
+    group = p.H // p.H_kv
+    bm = max(16, triton.next_power_of_2(p.Q * group))
+    bn = 32 if INTERPRETED else 64
+    lists = a.query_lists(triton.next_power_of_2(p.Q))  # one query block: the whole list prefix
+    width = lists["W"]
+    nsplit = triton.next_power_of_2(_split_count(q.device, triton.cdiv(width, bn), p.B * p.H_kv))
+    chunk = triton.cdiv(triton.cdiv(width, nsplit), bn) * bn
+    bd = _head_block(p.D)
+    rows = p.B * p.H * p.Q
+    part_o = torch.empty(nsplit, rows, bd, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(nsplit, rows, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    dma_fwd_split_kernel[(nsplit, p.B * p.H_kv)](
+        q, a.k, a.v, a.bias, part_o, part_m, part_l, lists["Idx"], lists["Cnt"], *a.strides[:16],
+        Q=p.Q, K=p.K, H=p.H, GROUP=group, D=p.D, HB=a.sizes["HB"], SEL_B=a.sizes["SEL_B"], H_S=a.sizes["H_S"],
+        W=width, NSPLIT=nsplit, CHUNK=chunk, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        IS_CAUSAL=p.is_causal, HAS_BIAS=a.flags["HAS_BIAS"], SOFTCAP=a.flags["SOFTCAP"], UPCAST=INTERPRETED,
+        num_warps=4, num_stages=1 if INTERPRETED else 2)
+    dma_fwd_combine_kernel[(rows,)](part_o, part_m, part_l, out, lse, rows, p.Q, p.H, group, *out.stride(),
+                                    D=p.D, NSPLIT=nsplit, BLOCK_D=bd)
 
 
 def _reduce_dbias(grad: torch.Tensor, shape) -> torch.Tensor:
@@ -485,12 +676,12 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
     if dq is not None or write_ds:
         cfg = launch_config(p.D, q.element_size(), "dq")
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-        counts = a.counts(bm)
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
+        lists = a.query_lists(bm)
         dma_bwd_dq_kernel[(triton.cdiv(p.Q, bm), p.B * p.H)](
             q, k, v, a.bias, a.mask, dout, lse, delta, dq if dq is not None else delta, ds,
-            a.idx, counts, a.tv, a.ti, *a.strides, *dout.stride(), **a.sizes,
-            NBLK=counts.shape[-1] if a.sel.path == LIST else 1, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
+            lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes,
+            **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
             **a.flags, WRITE_DQ=dq is not None, WRITE_DS=write_ds, **cfg)
         if write_ds:
             dbias_f32 = ds
@@ -499,7 +690,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         cfg = launch_config(p.D, q.element_size(), "dkdv")
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         group = p.H // p.H_kv
-        listed = a.sel.path == LIST
+        listed = a.sel.path in (LIST, PREFIX)
         # One list per query head of a group: programs per query head, summed over the group below.
         per_head = listed and a.sel.H_s > p.H_kv
         n_heads, h_out = (1, p.H) if per_head else (group, p.H_kv)
@@ -514,11 +705,12 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
                 dv_buf.zero_()
         # Every (b, h, key) of a contiguous tiling is written; a list leaves the other keys at 0.
         db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
-        n_keys = a.sizes["W"] if listed else p.K
+        tiles, n_keys = a.key_tiles()
         grid = (triton.cdiv(n_keys, bn), p.B * p.H // n_heads)
         dma_bwd_dkdv_kernel[grid](
-            q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, a.idx, a.tv, a.ti,
-            *a.strides, *dout.stride(), **a.sizes, N_HEADS=n_heads, H_OUT=h_out, **a.scalars,
+            q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, tiles.pop("Idx"), tiles.pop("Cnt"),
+            a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes, **tiles, N_HEADS=n_heads,
+            H_OUT=h_out, **a.scalars,
             BLOCK_M=bm, BLOCK_N=bn, **a.flags, WRITE_DKDV=dk is not None or dv is not None,
             WRITE_DB=write_db, **cfg)
         if per_head:

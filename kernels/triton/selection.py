@@ -1,7 +1,7 @@
 """Selection metadata for the Triton kernels: which keys each query may see, in compact form.
 
 Plain torch ops, device-agnostic, so the same code serves CUDA tensors and CPU tensors under the
-Triton interpreter. Three paths (SPEC.md "Which keys query i sees"):
+Triton interpreter. Four paths (SPEC.md "Which keys query i sees"):
 
 - DENSE: no window, or a window that keeps every key. No metadata: the kernels visit keys
   0 .. causal limit and test the mask per element.
@@ -9,7 +9,10 @@ Triton interpreter. Three paths (SPEC.md "Which keys query i sees"):
   The selection is one set per selection row (b_s, h_s); it is stored as the selected key indices
   sorted ascending, int32 (B_s, H_s, W), padded with the sentinel K. Kernels gather those keys;
   causality only cuts a prefix of each list (``block_counts``). No Q x K tensor is formed.
-- THRESHOLD: every other windowed call (visible scope with causality, or a per-query bias/mask).
+- PREFIX: bias and mask shared by every query, visible scope with causality. One int32 per key,
+  ``death`` (B_s, H_s, K): key j is visible to query i iff ``j <= i + K - Q < death_j``; built in
+  O(K log K) by ``prefix.py``, which also makes the per-query-block alive lists the kernels gather.
+- THRESHOLD: every other windowed call (a bias or mask that varies per query).
   Query i of row (b_s, h_s) keeps key j iff j is a candidate and (bias_ij, -j) >= (tv_i, -ti_i),
   where (tv_i, ti_i) is the value and index of its w-th best candidate; a row with at most w
   candidates gets (-inf, INT32_MAX), which passes every key including -inf biases. v1 computes the
@@ -29,7 +32,9 @@ from typing import Optional
 
 import torch
 
-DENSE, LIST, THRESHOLD = 0, 1, 2
+from .prefix import _order_keys, death_positions
+
+DENSE, LIST, THRESHOLD, PREFIX = 0, 1, 2, 3
 INT32_MAX = 2**31 - 1
 _INT64_MIN = -(2**63)
 # Bound on the elements of one chunk of threshold rows; each element costs ~20 bytes of temporaries.
@@ -41,7 +46,8 @@ class Selection:
     """Metadata of one call. Selection row of (batch b, query head h): ``row_of(b, h)``.
 
     ``idx`` (B_s, H_s, W) int32 for LIST; ``tv`` (B_s, H_s, Q) in ``compare_dtype(bias)`` and
-    ``ti`` (B_s, H_s, Q) int32 for THRESHOLD; all contiguous.
+    ``ti`` (B_s, H_s, Q) int32 for THRESHOLD; ``death`` (B_s, H_s, K) int32 for PREFIX; all
+    contiguous.
     """
 
     path: int
@@ -50,6 +56,7 @@ class Selection:
     idx: Optional[torch.Tensor] = None
     tv: Optional[torch.Tensor] = None
     ti: Optional[torch.Tensor] = None
+    death: Optional[torch.Tensor] = None
 
 
 def compare_dtype(bias_dtype: torch.dtype) -> torch.dtype:
@@ -62,7 +69,7 @@ def choose_path(window: Optional[int], K: int, query_broadcast: bool, scope: str
         return DENSE
     if query_broadcast and (scope == "global" or not is_causal):
         return LIST
-    return THRESHOLD
+    return PREFIX if query_broadcast else THRESHOLD
 
 
 def selection_rows(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -81,13 +88,6 @@ def _rows(t: torch.Tensor, B_s: int, H_s: int, q0: int, q1: int) -> torch.Tensor
     if heads != H_s:
         t = t.index_select(1, torch.arange(H_s, device=t.device) * heads // H_s)
     return t.expand(B_s, H_s, t.shape[2], t.shape[3])
-
-
-def _order_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is the values' order (equal values, -0.0 and +0.0 included, get
-    equal keys). Negative floats have their magnitude bits flipped so larger means greater."""
-    bits = (values.to(torch.float64) + 0.0).view(torch.int64)
-    return torch.where(bits < 0, bits ^ 0x7FFF_FFFF_FFFF_FFFF, bits)
 
 
 def _thresholds(values: torch.Tensor, candidate: Optional[torch.Tensor], window: int):
@@ -165,13 +165,19 @@ def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: 
                    rows: Optional[tuple[int, int]] = None) -> Selection:
     """The metadata of one attention call (``rows`` overrides the selection rows (B_s, H_s))."""
     query_broadcast = all(t is None or t.shape[2] == 1 for t in (bias, mask))
-    path = choose_path(window, K, query_broadcast, scope, is_causal)
+    # A single query's causal limit is K - 1: every key is a candidate, as in the global scope.
+    path = choose_path(window, K, query_broadcast, scope, is_causal and Q > 1)
     if path == DENSE:
         return Selection(DENSE)
     B_s, H_s = rows if rows is not None else selection_rows(bias, mask)
     if path == LIST:
         idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
         return Selection(LIST, B_s, H_s, idx=idx)
+    if path == PREFIX:
+        values = _rows(bias, B_s, H_s, 0, 1).reshape(B_s * H_s, K)
+        allowed = None if mask is None else _rows(mask, B_s, H_s, 0, 1).reshape(B_s * H_s, K)
+        death = death_positions(values, allowed, window).view(B_s, H_s, K)
+        return Selection(PREFIX, B_s, H_s, death=death)
     tv, ti = thresholds(bias, mask, window, B_s, H_s, Q,
                         causal_candidates=is_causal and scope == "visible")
     return Selection(THRESHOLD, B_s, H_s, tv=tv, ti=ti)
@@ -201,6 +207,9 @@ def visible_mask(bias, mask, *, B: int, H: int, Q: int, K: int, window: Optional
         hit = torch.zeros(B, H, K + 1, dtype=torch.bool, device=device)
         hit.scatter_(-1, sel.idx.long(), True)
         return (hit[..., :K].unsqueeze(2) & causal).expand(B, H, Q, K).contiguous()
+    if sel.path == PREFIX:
+        limit = torch.arange(Q, device=device) + (K - Q)
+        return (causal & (sel.death.unsqueeze(2) > limit.view(Q, 1))).expand(B, H, Q, K).contiguous()
     allowed = _rows(mask, B, H, 0, Q) if mask is not None else torch.ones((), dtype=torch.bool, device=device)
     out = allowed & causal
     if sel.path == THRESHOLD:

@@ -1,0 +1,171 @@
+"""Visible-scope metadata in O(K log K): when each key dies, and per query block the keys alive in it.
+
+The case: causal, ``topk_scope="visible"``, bias and mask shared by every query (their Q dim is 1).
+Query i sees the keys ``0..c_i`` (``c_i = i + K - Q``, its causal limit) and keeps their top w. Seen
+from a key: key j is in the top w of the prefix ``0..c`` iff fewer than w keys of that prefix are
+better than it. As c grows that count only grows, so each key is alive on one interval of limits:
+
+    key j is visible to query i  <=>  j <= c_i < death_j
+
+where ``death_j`` is the position of the w-th key, in position order, among the keys better than j
+(K when fewer than w keys are better; j itself when the key is masked out or already dead at birth).
+"Better" is the SPEC order: bias descending, then index ascending. So one int32 per key describes the
+whole (Q, K) selection, and the kernels test it per element.
+
+Computing ``death``: rank the allowed keys once (one stable sort). With ``x_r`` the position of the
+key of rank r, ``death`` of that key is the w-th smallest of ``x_0 .. x_{r-1}``: a prefix order
+statistic. ``prefix_death_kernel`` answers it for every r at once from a 2-D prefix-count table of
+(rank chunk, position bucket) pairs, (K/C)^2 counts per row for chunk size C: a binary search over
+buckets, then an exact pick inside the bucket. No O(Q*K) work, no sequential scan.
+
+Per query block of BM queries (limits ``c_lo..c_hi``), the keys alive for at least one of them are
+``j <= c_hi`` with ``death_j > max(j, c_lo)``: the top w of the prefix at ``c_lo`` plus at most BM
+newer keys, so at most ``w + BM``. ``prefix_lists_kernel`` compacts them in ascending order; the
+forward and dq kernels gather those and test ``death`` per element. The dk/dv kernel walks the
+ever-alive keys (``death_j > j``) sorted by death, so a tile's keys live over similar query ranges
+(simulated on T32k: ~1.4x the useful tile work, against ~3x for keys in position order).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_INT64_MIN = -(2**63)
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the values' order (equal values, -0.0 and +0.0 included, get
+    equal keys). Negative floats have their magnitude bits flipped so larger means greater."""
+    bits = (values.to(torch.float64) + 0.0).view(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFF_FFFF_FFFF_FFFF, bits)
+
+
+def _chunk(K: int) -> int:
+    """Ranks per chunk and positions per bucket. The table holds (K/C)^2 counts per row and each
+    program compares C x C pairs per search step; C ~ sqrt(K) balances them, within [64, 256]."""
+    return min(256, max(64, triton.next_power_of_2(int(K**0.5))))
+
+
+@triton.jit
+def prefix_death_kernel(X, Rank, T, NA, Death, K, W, NB, CHUNK: tl.constexpr, STEPS: tl.constexpr):
+    """Program (c, row): ``death`` of the keys with ranks c*CHUNK .. +CHUNK-1 of one row.
+
+    X (rows, K) int32: position of each rank (allowed keys first, best first). Rank (rows, K) int32:
+    its inverse. T (rows, NC, NB+1) int32: T[c, b] = #{rank < c*CHUNK with position < b*CHUNK}.
+    NA (rows,) int32: the number of allowed keys."""
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, CHUNK)  # [CHUNK]
+    r = c * CHUNK + t  # [CHUNK] ranks handled here
+    r_ok = r < K
+    x = tl.load(X + row * K + r, mask=r_ok, other=0)  # [CHUNK] their positions
+    xb = x // CHUNK  # [CHUNK] their buckets
+    n_allowed = tl.load(NA + row)
+    t_base = T + (row * tl.cdiv(K, CHUNK) + c) * (NB + 1)
+    earlier = t[None, :] < t[:, None]  # [CHUNK, CHUNK]: rank t' of this chunk precedes rank t
+
+    # count(r, b) = #{r' < r : x_r' < b*CHUNK} is non-decreasing in b, 0 at b = 0 and r at b = NB.
+    # Search the bucket holding the w-th smallest position: the largest b with count(r, b) < W.
+    lo = tl.zeros([CHUNK], dtype=tl.int32)
+    hi = tl.zeros([CHUNK], dtype=tl.int32) + NB
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        inside = tl.sum((earlier & (xb[None, :] < mid[:, None])).to(tl.int32), 1)  # [CHUNK]
+        count = tl.load(t_base + mid) + inside
+        below = count < W
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    inside = tl.sum((earlier & (xb[None, :] < lo[:, None])).to(tl.int32), 1)
+    needed = W - (tl.load(t_base + lo) + inside)  # [CHUNK] >= 1 where r >= W
+
+    # Inside bucket lo: the needed-th position (ascending) held by a rank below r.
+    p = lo[:, None] * CHUNK + t[None, :]  # [CHUNK, CHUNK]
+    rk = tl.load(Rank + row * K + p, mask=p < K, other=K)
+    held = rk < r[:, None]
+    nth = tl.cumsum(held.to(tl.int32), 1)
+    killer = tl.min(tl.where(held & (nth == needed[:, None]), p, K), 1)  # [CHUNK]
+
+    # Fewer than W better keys: never dies. Masked keys (ranks >= n_allowed) and keys killed before
+    # they are born get death = their own position, which no limit satisfies.
+    death = tl.where(r < W, K, killer)
+    death = tl.where(r < n_allowed, tl.maximum(death, x), x)
+    tl.store(Death + row * K + x, death, mask=r_ok)
+
+
+@triton.jit
+def prefix_lists_kernel(Death, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: tl.constexpr, TILE: tl.constexpr):
+    """Program (query block, row): the keys alive for at least one query of the block, ascending,
+    into Idx[row, block, :count] and their count into Cnt[row, block]."""
+    blk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    off = K - Q
+    c_lo = blk * BLOCK_M + off
+    c_hi = tl.minimum(blk * BLOCK_M + BLOCK_M, Q) - 1 + off
+    end = tl.maximum(tl.minimum(c_hi + 1, K), 0)
+    out = Idx + (row * NBLK + blk) * LW
+    n = tl.full([], 0, tl.int32)
+    for start in range(0, end, TILE):
+        j = start + tl.arange(0, TILE)  # [TILE]
+        ok = j < end
+        d = tl.load(Death + row * K + j, mask=ok, other=0)
+        keep = ok & (d > j) & (d > c_lo)
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        n += tl.sum(keep.to(tl.int32), 0)
+    tl.store(Cnt + row * NBLK + blk, n)
+
+
+def death_positions(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
+    """``death`` (rows, K) int32 for bias rows ``values`` (rows, K) and an optional bool
+    ``allowed`` of the same shape (or broadcastable to it). ``window`` >= 1."""
+    rows, K = values.shape
+    keys = _order_keys(values)
+    if allowed is not None:
+        allowed = allowed.expand(rows, K)
+        keys = torch.where(allowed, keys, _INT64_MIN)
+    # Stable descending sort: equal values keep ascending key order, the SPEC's tie rule; masked
+    # keys (INT64_MIN, below every real key) come last.
+    x = keys.sort(dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    arange = torch.arange(K, device=values.device, dtype=torch.int32)
+    rank = torch.empty_like(x).scatter_(1, x.long(), arange.expand(rows, K))
+    n_allowed = (allowed.sum(-1, dtype=torch.int32) if allowed is not None
+                 else torch.full((rows,), K, dtype=torch.int32, device=values.device))
+
+    C = _chunk(K)
+    nb = triton.cdiv(K, C)
+    # Histogram of (rank chunk, position bucket) pairs, then prefix sums: exclusive over chunks,
+    # over buckets with a leading zero column.
+    cell = (arange.long() // C * nb).expand(rows, K) + x.long() // C
+    hist = torch.zeros(rows, nb * nb, dtype=torch.int32, device=values.device)
+    hist = hist.scatter_add_(1, cell, torch.ones_like(x)).view(rows, nb, nb)
+    table = torch.zeros(rows, nb, nb + 1, dtype=torch.int32, device=values.device)
+    table[:, :, 1:] = (hist.cumsum(1, dtype=torch.int32) - hist).cumsum(2, dtype=torch.int32)
+    death = torch.empty(rows, K, dtype=torch.int32, device=values.device)
+    steps = max(1, (nb - 1).bit_length())
+    prefix_death_kernel[(nb, rows)](x, rank, table, n_allowed, death, K, window, nb, CHUNK=C, STEPS=steps,
+                                    num_warps=8 if C >= 128 else 4)
+    return death
+
+
+def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, query block of ``block_m``): the alive keys ascending, int32 (rows, NBLK, LW) with
+    LW = min(K, window + block_m) (entries past the count are unset), and the counts (rows, NBLK)."""
+    rows, K = death.shape
+    nblk = triton.cdiv(Q, block_m)
+    lw = min(K, window + block_m)
+    idx = torch.empty(rows, nblk, lw, dtype=torch.int32, device=death.device)
+    cnt = torch.empty(rows, nblk, dtype=torch.int32, device=death.device)
+    prefix_lists_kernel[(nblk, rows)](death, idx, cnt, Q, K, nblk, lw, BLOCK_M=block_m, TILE=256)
+    return idx, cnt
+
+
+def alive_order(death: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys ever alive (death_j > j) sorted by death descending, then position, int32 (rows, K)
+    with the dead keys after them, and how many are alive per row, int32 (rows,)."""
+    rows, K = death.shape
+    j = torch.arange(K, device=death.device, dtype=torch.int32)
+    alive = death > j
+    order = torch.where(alive, death, -1).sort(dim=-1, descending=True, stable=True).indices
+    return order.to(torch.int32).contiguous(), alive.sum(-1, dtype=torch.int32)

@@ -1,0 +1,78 @@
+"""The visible-scope metadata of the Triton backend (``dmattn.kernels.triton.prefix``): each key's
+death position against a brute force written from the SPEC, the per-query-block alive lists, and
+the dk/dv key order. Triton kernels: CPU tensors under the interpreter, CUDA tensors when present."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dmattn.kernels.triton import prefix
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def brute_death(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
+    """death_j = position of the w-th key, in position order, among the allowed keys better than j
+    (bias descending, then index ascending), or K; j for a masked key or one dead at birth."""
+    K = values.shape[-1]
+    v = values.double()
+    ok = torch.ones(K, dtype=torch.bool) if allowed is None else allowed
+    i = torch.arange(K)
+    better = ok[:, None] & ((v[:, None] > v[None, :]) | ((v[:, None] == v[None, :]) & (i[:, None] < i[None, :])))
+    death = (better.int().cumsum(0) < window).sum(0)  # first position where w better keys are in
+    return torch.where(ok, torch.maximum(death, i), i).to(torch.int32)
+
+
+def _values(rows, K, kind, dtype, g):
+    if kind == "ties":
+        t = torch.randint(-1, 2, (rows, K), generator=g) * 0.5
+        t[:, 1::5] = -0.0
+        t[:, 3::7] = float("-inf")
+        return t.to(dtype)
+    return torch.randn(rows, K, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_death_matches_brute_force(kind, dtype, device):
+    g = torch.Generator().manual_seed(7)
+    # K spans one chunk, several chunks with a partial last one, and a search over many buckets.
+    for K, w, masked in itertools.product([1, 2, 63, 65, 300, 1100], [1, 2, 17, 64, 500], [False, True]):
+        if w >= K:
+            continue
+        values = _values(3, K, kind, dtype, g)
+        allowed = torch.rand(3, K, generator=g) < 0.55 if masked else None
+        if masked:
+            allowed[0] = False  # a row with no candidate at all
+        got = prefix.death_positions(values.to(device), None if allowed is None else allowed.to(device), w)
+        for r in range(3):
+            want = brute_death(values[r], None if allowed is None else allowed[r], w)
+            assert torch.equal(got[r].cpu(), want), (K, w, masked, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_lists_and_order(device):
+    g = torch.Generator().manual_seed(3)
+    for Q, K, w, bm in [(200, 200, 17, 32), (77, 300, 40, 16), (300, 120, 9, 64), (5, 5, 2, 16), (64, 1100, 100, 32)]:
+        values = torch.randn(2, K, generator=g)
+        death = prefix.death_positions(values.to(device), None, w)
+        idx, cnt = prefix.block_lists(death, Q, w, bm)
+        assert idx.shape == (2, -(-Q // bm), min(K, w + bm))
+        j = torch.arange(K)
+        d = death.cpu()
+        for r, b in itertools.product(range(2), range(idx.shape[1])):
+            c_lo = b * bm + K - Q
+            c_hi = min(b * bm + bm, Q) - 1 + K - Q
+            want = j[(j <= c_hi) & (d[r] > j) & (d[r] > c_lo)]
+            n = int(cnt[r, b])
+            assert n <= w + bm and torch.equal(idx[r, b, :n].cpu().long(), want), (Q, K, w, bm, r, b)
+        order, alive = prefix.alive_order(death)
+        for r in range(2):
+            n = int(alive[r])
+            keys = order[r, :n].cpu().long()
+            assert torch.equal(keys.sort().values, j[d[r] > j])
+            assert (d[r][keys].diff() <= 0).all()  # by death, descending
