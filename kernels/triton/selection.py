@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from . import topk
+
 DENSE, LIST, THRESHOLD = 0, 1, 2
 INT32_MAX = 2**31 - 1
 _INT64_MIN = -(2**63)
@@ -170,7 +172,11 @@ def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: 
         return Selection(DENSE)
     B_s, H_s = rows if rows is not None else selection_rows(bias, mask)
     if path == LIST:
-        idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
+        # The Triton radix select (topk.py) computes exactly these lists; float64 takes torch ops.
+        if topk.supported(bias):
+            idx = topk.select_lists(bias, mask, window, B_s, H_s)
+        else:
+            idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
         return Selection(LIST, B_s, H_s, idx=idx)
     tv, ti = thresholds(bias, mask, window, B_s, H_s, Q,
                         causal_candidates=is_causal and scope == "visible")
