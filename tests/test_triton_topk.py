@@ -3,9 +3,12 @@
 bit: both launch plans (one program per row, and rows cut into chunks), every broadcast form of
 bias and mask, masks that leave fewer than w candidates, heavy ties, -0.0 next to +0.0, -inf.
 
-CPU tensors run under the Triton interpreter (conftest.py); CUDA tensors when a GPU is present."""
+CPU tensors run under the Triton interpreter (TRITON_INTERPRET=1, conftest.py's default); CUDA
+tensors when a GPU is present."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from dmattn import reference
 from dmattn.kernels.triton import selection as sel
 from dmattn.kernels.triton import topk
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 _POISON = -7  # never an index nor the sentinel
 
@@ -145,9 +149,10 @@ def test_ties_go_to_the_earlier_key(device):
         assert got == [j for j in range(K) if j % 9 != 7 and j != 6 + 9 * 7]
 
 
-def test_too_few_candidates_pad_with_sentinel():
-    bias = torch.randn(1, 2, 1, 100, dtype=torch.float16)
-    mask = torch.zeros(1, 2, 1, 100, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_too_few_candidates_pad_with_sentinel(device):
+    bias = torch.randn(1, 2, 1, 100, dtype=torch.float16, device=device)
+    mask = torch.zeros(1, 2, 1, 100, dtype=torch.bool, device=device)
     mask[0, 1, 0, [3, 50, 99]] = True
     for chunk in (None, 64):
         got = topk.select_lists(bias, mask, 10, 1, 2, chunk=chunk)
@@ -155,14 +160,15 @@ def test_too_few_candidates_pad_with_sentinel():
         assert got[0, 1].tolist() == [3, 50, 99] + [100] * 7
 
 
-def test_selection_and_topk_indices_use_the_kernel(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_and_topk_indices_use_the_kernel(device, monkeypatch):
     """make_selection's LIST path and the backend's topk_indices go through the kernel for
     16/32-bit floats; float64 keeps the torch path."""
-    bias = _bias((2, 2, 1, 70), torch.float16, "ties", seed=3, device="cpu")
-    mask = _mask((1, 2, 1, 70), "random", seed=4, device="cpu")
-    want = reference.topk_indices(bias, 9, mask)
+    bias = _bias((2, 2, 1, 70), torch.float16, "ties", seed=3, device=device)
+    mask = _mask((1, 2, 1, 70), "random", seed=4, device=device)
+    want = reference.topk_indices(bias.cpu(), 9, mask.cpu())
     got = dmattn.topk_indices(bias, 9, mask, backend="triton")
-    assert torch.equal(got, want)
+    assert torch.equal(got.cpu(), want)
 
     def unused(*args, **kwargs):
         raise AssertionError("torch path taken")
@@ -171,12 +177,13 @@ def test_selection_and_topk_indices_use_the_kernel(monkeypatch):
     s = sel.make_selection(bias, mask, window=9, K=70, Q=5, scope="global", is_causal=True)
     assert s.path == sel.LIST
     want[want < 0] = 70
-    assert torch.equal(s.idx.long(), want.squeeze(2))
+    assert torch.equal(s.idx.long().cpu(), want.squeeze(2))
     with pytest.raises(AssertionError, match="torch path"):
         sel.make_selection(bias.double(), mask, window=9, K=70, Q=5, scope="global", is_causal=True)
 
 
-def test_chunk_must_be_a_power_of_two():
-    bias = torch.randn(1, 1, 1, 300)
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunk_must_be_a_power_of_two(device):
+    bias = torch.randn(1, 1, 1, 300, device=device)
     with pytest.raises(ValueError, match="chunk"):
         topk.select_lists(bias, None, 5, 1, 1, chunk=96)
