@@ -1,13 +1,15 @@
 """Selection metadata for the Triton kernels: which keys each query may see, in compact form.
 
-Plain torch ops, device-agnostic, so the same code serves CUDA tensors and CPU tensors under the
-Triton interpreter. Four paths (SPEC.md "Which keys query i sees"):
+Torch ops and Triton kernels (``topk.py``, ``prefix.py``), device-agnostic, so the same code serves
+CUDA tensors and CPU tensors under the Triton interpreter. Four paths (SPEC.md "Which keys query i
+sees"):
 
 - DENSE: no window, or a window that keeps every key. No metadata: the kernels visit keys
   0 .. causal limit and test the mask per element.
 - LIST: bias and mask shared by every query (their Q dim is 1), and global scope or no causality.
   The selection is one set per selection row (b_s, h_s); it is stored as the selected key indices
-  sorted ascending, int32 (B_s, H_s, W), padded with the sentinel K. Kernels gather those keys;
+  sorted ascending, int32 (B_s, H_s, W), padded with the sentinel K, by the radix select of
+  ``topk.py`` (``selected_lists`` below for float64 and as the reference). Kernels gather those keys;
   causality only cuts a prefix of each list (``block_counts``). No Q x K tensor is formed.
 - PREFIX: bias and mask shared by every query, visible scope with causality. One int32 per key,
   ``death`` (B_s, H_s, K): key j is visible to query i iff ``j <= i + K - Q < death_j``; built in
@@ -32,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from . import topk
 from .prefix import _order_keys, death_positions
 
 DENSE, LIST, THRESHOLD, PREFIX = 0, 1, 2, 3
@@ -171,7 +174,11 @@ def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: 
         return Selection(DENSE)
     B_s, H_s = rows if rows is not None else selection_rows(bias, mask)
     if path == LIST:
-        idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
+        # The Triton radix select (topk.py) computes exactly these lists; float64 takes torch ops.
+        if topk.supported(bias):
+            idx = topk.select_lists(bias, mask, window, B_s, H_s)
+        else:
+            idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
         return Selection(LIST, B_s, H_s, idx=idx)
     if path == PREFIX:
         values = _rows(bias, B_s, H_s, 0, 1).reshape(B_s * H_s, K)
