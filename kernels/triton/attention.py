@@ -69,6 +69,9 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
     stages took 2.89 ms against 3.62 ms for 128 x 64 and 4.7 ms for the earlier 128 x 64 / 8 warps
     (the gathered key tile is loaded row by row, so narrower key tiles pipeline better); backward
     128 x 64 with 8 warps and 2 stages gave fwd+bwd 15.6 ms against 18.2 ms for 64 x 64 / 4 warps.
+    A second sweep tuned dq and dk/dv apart (.../triton-bwd-sweep-h200-2026-11-28.json): dq 128 x 32
+    with 4 warps gave fwd+bwd 14.1 ms against 14.9 for 128 x 64 / 8 warps; dk/dv kept 128 x 64 / 8
+    warps (14.9 ms; 32..128 x 64..128 with 4 or 8 warps all took 17.8 to 45 ms).
     Other row sizes are unswept starting points: 128-byte rows keep the FlashAttention-2 128 x 64
     forward, 512-byte rows (D = 256, or D = 128 in fp32) halve the tiles to fit shared memory."""
     if INTERPRETED:
@@ -82,6 +85,8 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bytes_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if bytes_d <= 256 and kind == "dq":
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
     if bytes_d <= 256:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -429,7 +434,7 @@ def dma_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=_SIZES + ("NSPLIT", "CHUNK"))
 def dma_fwd_split_kernel(
-    Qp, Kp, Vp, Bp, PartO, PartM, PartL, Idx, Cnt,
+    Qp, Kp, Vp, Bp, PartO, PartM, PartL, Idx,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sbb, sbh, sbm, sbn,
     Q, K, H, GROUP, D: tl.constexpr, HB, SEL_B, H_S, W, NSPLIT, CHUNK,
     scale, softcap,
@@ -459,8 +464,8 @@ def dma_fwd_split_kernel(
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     bias_rows = Bp + b * sbb + (h * HB // H) * sbh + i * sbm  # [BLOCK_M]
 
-    limit = tl.load(Cnt + row)
-    end = tl.minimum(pid_s * CHUNK + CHUNK, limit)
+    # The whole list: padding entries (the sentinel K) are masked per key, causality per element.
+    end = tl.minimum(pid_s * CHUNK + CHUNK, W)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -520,6 +525,25 @@ def dma_fwd_combine_kernel(PartO, PartM, PartL, Out, Lse, ROWS, Q, H, GROUP, sob
     tl.store(Lse + (b * H + h) * Q + i, lse)
 
 
+@triton.jit(do_not_specialize=("Q", "H"))
+def dma_bwd_preprocess_kernel(Out, DO, Delta, sob, som, soh, sod, sdb, sdm, sdh, sdd, Q, H, D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, (B, H, Q): read once in the inputs' dtype, so the backward
+    does not materialise float32 copies of O and dO."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < Q)[:, None] & (offs_d < D)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + b * sob + h * soh + rows * som + offs_d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(Delta + pid_bh.to(tl.int64) * Q + offs_m, delta, mask=offs_m < Q)
+
+
 def _broadcast_strides(t: torch.Tensor) -> list[int]:
     """A bias's or mask's strides with 0 on its size-1 batch and query dims, so one kernel serves
     every broadcast form (the head is picked by index, h * heads // H)."""
@@ -530,6 +554,18 @@ def _broadcast_strides(t: torch.Tensor) -> list[int]:
     return s
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(dev: torch.device):
+    """One-element int32 and float32 tensors standing in for absent metadata (never read), made
+    once per device: allocating them per call showed in the host time of decode."""
+    if dev not in _PLACEHOLDERS:
+        _PLACEHOLDERS[dev] = (torch.zeros(1, dtype=torch.int32, device=dev),
+                              torch.zeros(1, dtype=torch.float32, device=dev))
+    return _PLACEHOLDERS[dev]
+
+
 class _Launch:
     """The arguments every kernel shares for one call: tensors or placeholders, strides, sizes,
     the selection metadata and the compile-time flags."""
@@ -538,11 +574,10 @@ class _Launch:
         self.p = p
         self.sel = make_selection(bias, mask, window=p.effective_window, K=p.K, Q=p.Q, scope=p.topk_scope,
                                   is_causal=p.is_causal)
-        dev = q.device
-        ints = torch.zeros(1, dtype=torch.int32, device=dev)  # placeholder for absent int32 metadata
+        ints, floats = _placeholders(q.device)
         sel = self.sel
         self.ints = ints
-        self.tv = sel.tv if sel.tv is not None else torch.zeros(1, dtype=torch.float32, device=dev)
+        self.tv = sel.tv if sel.tv is not None else floats
         self.ti = sel.ti if sel.ti is not None else ints
         self.death = sel.death if sel.death is not None else ints
         self.bias = bias if bias is not None else q
@@ -624,8 +659,7 @@ def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:
     group = p.H // p.H_kv
     bm = max(16, triton.next_power_of_2(p.Q * group))
     bn = 32 if INTERPRETED else 64
-    lists = a.query_lists(triton.next_power_of_2(p.Q))  # one query block: the whole list prefix
-    width = lists["W"]
+    width = a.sel.idx.shape[-1]
     nsplit = triton.next_power_of_2(_split_count(q.device, triton.cdiv(width, bn), p.B * p.H_kv))
     chunk = triton.cdiv(triton.cdiv(width, nsplit), bn) * bn
     bd = _head_block(p.D)
@@ -634,7 +668,7 @@ def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:
     part_m = torch.empty(nsplit, rows, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     dma_fwd_split_kernel[(nsplit, p.B * p.H_kv)](
-        q, a.k, a.v, a.bias, part_o, part_m, part_l, lists["Idx"], lists["Cnt"], *a.strides[:16],
+        q, a.k, a.v, a.bias, part_o, part_m, part_l, a.sel.idx, *a.strides[:16],
         Q=p.Q, K=p.K, H=p.H, GROUP=group, D=p.D, HB=a.sizes["HB"], SEL_B=a.sizes["SEL_B"], H_S=a.sizes["H_S"],
         W=width, NSPLIT=nsplit, CHUNK=chunk, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         IS_CAUSAL=p.is_causal, HAS_BIAS=a.flags["HAS_BIAS"], SOFTCAP=a.flags["SOFTCAP"], UPCAST=INTERPRETED,
@@ -663,11 +697,15 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
     Extra memory: float32 delta (B, H, Q); for a query-broadcast bias a float32 (B, H, K) dbias
     partial; for a per-query bias a float32 (B, H, Q, K) dS buffer (the one O(Q*K) buffer, only
     when dbias of a per-query bias is wanted); on the LIST path with one list per query head
-    (bias or mask with H heads and H > H_kv), float32 (B, K, H, D) dk/dv partials.
+    (bias or mask with H heads and H > H_kv), float32 (B, K, H, D) dk/dv partials. The PREFIX path
+    adds int32 per-block lists of at most w + BLOCK_M keys, (rows, cdiv(Q, BLOCK_M), w + BLOCK_M), and
+    the rows' key order (rows, K); the forward needs only the lists.
     """
     a = _Launch(p, q, k, v, bias, mask)
     dev = q.device
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Q)
+    delta = torch.empty(p.B, p.H, p.Q, dtype=torch.float32, device=dev)
+    dma_bwd_preprocess_kernel[(triton.cdiv(p.Q, 64), p.B * p.H)](
+        out, dout, delta, *out.stride(), *dout.stride(), p.Q, p.H, D=p.D, BLOCK_M=64, BLOCK_D=_head_block(p.D))
     per_query_bias = a.flags["BIAS_PER_QUERY"]
     write_ds = dbias is not None and per_query_bias
     write_db = dbias is not None and not per_query_bias
