@@ -134,7 +134,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Accumulator (4, MMA_M, MMA_N) -> (rows (2, MMA_M), cols (2, MMA_N)): an m16n8 accumulator gives
 // each thread 2 adjacent columns in rows r and r + 8, value v = col + 2 * row.
 template <class L>
-__device__ __forceinline__ auto rowcol(L layout) {
+CUTE_HOST_DEVICE auto rowcol(L layout) {
   auto d = logical_divide(layout, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
   return make_layout(make_layout(get<0, 1>(d), get<1>(d)), make_layout(get<0, 0>(d), get<2>(d)));
 }
@@ -142,7 +142,7 @@ __device__ __forceinline__ auto rowcol(L layout) {
 // Accumulator (4, MMA_M, MMA_N) of S -> A operand ((4, 2), MMA_M, MMA_N / 2) of the k16 MMA with P:
 // n8 blocks 2j and 2j+1 of S are k16 block j of P.
 template <class L>
-__device__ __forceinline__ auto acc_as_a(L layout) {
+CUTE_HOST_DEVICE auto acc_as_a(L layout) {
   auto d = logical_divide(layout, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
   return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
 }
@@ -290,7 +290,9 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
 
   extern __shared__ __align__(128) char smem[];
 
-  const int m_block = blockIdx.x;
+  // Last query blocks first: with causality they see the most keys, and starting them early keeps
+  // the tail of the grid short.
+  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int tidx = threadIdx.x;
