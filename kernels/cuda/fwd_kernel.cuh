@@ -597,13 +597,3 @@ void launch_fwd(const FwdParams& params, cudaStream_t stream) {
 
 }  // namespace cuda
 }  // namespace dmattn
-
-// Explicit instantiations of one head dim (one generated translation unit per head dim).
-#define DMATTN_INSTANTIATE_FWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                                     \
-  template void dmattn::cuda::launch_fwd<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>(               \
-      const dmattn::cuda::FwdParams&, cudaStream_t);
-#define DMATTN_INSTANTIATE_FWD(HEAD_DIM)             \
-  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, false)   \
-  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, true)    \
-  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, false)  \
-  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, true)

@@ -3,8 +3,9 @@
 // softcap, DENSE or LIST keys) is a run-time flag inside the kernels, so a head dim costs four
 // instantiations.
 //
-// Head dims are compiled per build (CMake DMATTN_CUDA_HEADDIMS generates one translation unit per
-// head dim and defines DMATTN_HAS_HDIM_<D>); a head dim left out is rejected here with its reason.
+// Head dims are compiled per build: CMake (DMATTN_CUDA_HEADDIMS) generates one translation unit per
+// head dim that includes fwd_kernel.cuh and this header and expands DMATTN_INSTANTIATE_FWD, and
+// defines DMATTN_HAS_HDIM_<D>; a head dim left out is rejected here with its reason.
 #pragma once
 
 #include <stdexcept>
@@ -78,3 +79,13 @@ void fwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
 
 }  // namespace cuda
 }  // namespace dmattn
+
+// Every variant of one head dim: the list fwd_switch dispatches over.
+#define DMATTN_INSTANTIATE_FWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                       \
+  template void dmattn::cuda::launch_fwd<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>( \
+      const dmattn::cuda::FwdParams&, cudaStream_t);
+#define DMATTN_INSTANTIATE_FWD(HEAD_DIM)            \
+  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, false)  \
+  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, true)   \
+  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, false) \
+  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, true)
