@@ -1,5 +1,6 @@
-// The CUDA module `dmattn._cuda`: build information and the global-scope key selection on the GPU,
-// compiled from the same selection header as the CPU core (cpp/include/dmattn/selection.h).
+// The CUDA module `dmattn._cuda`: build information, the global-scope key selection on the GPU
+// (compiled from the same selection header as the CPU core, cpp/include/dmattn/selection.h), and
+// the binding of the attention forward (fwd.h; kernels in fwd_kernel.cuh).
 //
 // The selection here is one thread per broadcast row with a running top-w heap: exact and simple,
 // the first GPU consumer of the shared header and the CUDA backend's starting point. The attention
@@ -16,7 +17,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "check.h"
 #include "dmattn/selection.h"
+#include "fwd.h"
+#include "switch.h"
 
 namespace nb = nanobind;
 
@@ -110,10 +114,6 @@ BiasType bias_type(const nb::dlpack::dtype& t) {
   throw std::invalid_argument("bias must be float16, bfloat16, float32 or float64");
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 void topk_indices(AnyCuda bias, std::optional<AnyCuda> mask, CudaArray out, CudaArray workspace, int window,
                   uintptr_t stream) {
   if (bias.ndim() != 4 || out.ndim() != 4) throw std::invalid_argument("bias and out must be 4-D");
@@ -151,7 +151,176 @@ void topk_indices(AnyCuda bias, std::optional<AnyCuda> mask, CudaArray out, Cuda
   const int threads = 128;
   const unsigned blocks = unsigned((n_rows + threads - 1) / threads);
   topk_rows_kernel<<<blocks, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  check(cudaGetLastError(), "topk_rows_kernel launch");
+  dmattn::cuda::check_cuda(cudaGetLastError(), "topk_rows_kernel launch");
+}
+
+// ---------------------------------------------------------------- attention forward
+
+using dmattn::DType;
+using dmattn::cuda::FwdParams;
+
+std::string shape_str(const AnyCuda& t) {
+  std::string s = "(";
+  for (size_t d = 0; d < t.ndim(); ++d) s += (d ? ", " : "") + std::to_string(t.shape(d));
+  return s + ")";
+}
+
+DType qkv_dtype(const nb::dlpack::dtype& t) {
+  if (t.code == uint8_t(nb::dlpack::dtype_code::Float) && t.bits == 16) return DType::f16;
+  if (t.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && t.bits == 16) return DType::bf16;
+  throw nb::type_error("query must be float16 or bfloat16 for the CUDA forward");
+}
+
+DType float_dtype(const nb::dlpack::dtype& t) {
+  switch (bias_type(t)) {
+    case BiasType::f16: return DType::f16;
+    case BiasType::bf16: return DType::bf16;
+    case BiasType::f32: return DType::f32;
+    default: return DType::f64;
+  }
+}
+
+void expect_shape(const AnyCuda& t, const char* name, std::initializer_list<int64_t> shape) {
+  bool ok = t.ndim() == shape.size();
+  size_t d = 0;
+  for (int64_t s : shape) ok = ok && d < t.ndim() && int64_t(t.shape(d++)) == s;
+  if (!ok) {
+    std::string want = "(";
+    d = 0;
+    for (int64_t s : shape) want += (d++ ? ", " : "") + std::to_string(s);
+    throw std::invalid_argument(std::string(name) + " must have shape " + want + "), got " + shape_str(t));
+  }
+}
+
+// 16-byte rows for cp.async and vector stores: contiguous head dim, data and every stride of a
+// dimension larger than 1 a multiple of 16 bytes.
+void rows_aligned(const AnyCuda& t, const char* name, int64_t out[3]) {
+  const bool base_ok = reinterpret_cast<uintptr_t>(t.data()) % 16 == 0;
+  bool ok = base_ok && (t.stride(3) == 1 || t.shape(3) == 1);
+  for (int d = 0; d < 3; ++d) {  // batch, row, head
+    out[d] = t.shape(d) == 1 ? 0 : t.stride(d);
+    ok = ok && out[d] % 8 == 0;
+  }
+  if (!ok) {
+    throw std::invalid_argument(std::string(name) +
+                                " needs a contiguous last dim, 16-byte aligned data and strides that are "
+                                "multiples of 8 elements (call .contiguous())");
+  }
+}
+
+// A bias or mask of shape (B|1, H|H_kv|1, Q|1, K): strides with 0 on size-1 dims, and its heads.
+void broadcast_view(const AnyCuda& t, const char* name, int64_t B, int64_t H, int64_t H_kv, int64_t Q, int64_t K,
+                    int64_t stride[4], int* heads) {
+  if (t.ndim() != 4) throw std::invalid_argument(std::string(name) + " must be 4-D (B|1, H|H_kv|1, Q|1, K), got " + shape_str(t));
+  const int64_t s0 = t.shape(0), s1 = t.shape(1), s2 = t.shape(2), s3 = t.shape(3);
+  if ((s0 != 1 && s0 != B) || (s1 != 1 && s1 != H && s1 != H_kv) || (s2 != 1 && s2 != Q) || s3 != K) {
+    throw std::invalid_argument(std::string(name) + " must broadcast as (B|1, H|H_kv|1, Q|1, K) = (" +
+                                std::to_string(B) + "|1, " + std::to_string(H) + "|" + std::to_string(H_kv) +
+                                "|1, " + std::to_string(Q) + "|1, " + std::to_string(K) + "), got " + shape_str(t));
+  }
+  for (int d = 0; d < 4; ++d) stride[d] = t.shape(d) == 1 ? 0 : t.stride(d);
+  *heads = int(s1);
+}
+
+void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
+         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
+         bool causal, uintptr_t stream) {
+  if (q.ndim() != 4) throw std::invalid_argument("query must be 4-D (B, Q, H, D), got " + shape_str(q));
+  FwdParams p;
+  p.dtype = qkv_dtype(q.dtype());
+  const int64_t B = q.shape(0), Q = q.shape(1), H = q.shape(2), D = q.shape(3);
+  if (k.ndim() != 4) throw std::invalid_argument("key must be 4-D (B, K, H_kv, D), got " + shape_str(k));
+  const int64_t K = k.shape(1), H_kv = k.shape(2);
+  expect_shape(k, "key", {B, K, H_kv, D});
+  expect_shape(v, "value", {B, K, H_kv, D});
+  expect_shape(out, "out", {B, Q, H, D});
+  expect_shape(lse, "lse", {B, H, Q});
+  if (k.dtype() != q.dtype() || v.dtype() != q.dtype() || out.dtype() != q.dtype())
+    throw nb::type_error("key, value and out must have query's dtype");
+  if (lse.dtype() != nb::dtype<float>()) throw nb::type_error("lse must be float32");
+  const int device = q.device_id();
+  for (const AnyCuda* t : {&k, &v, &out, &lse}) {
+    if (t->device_id() != device) throw std::invalid_argument("every tensor must be on query's CUDA device");
+  }
+  if (H_kv < 1 || H % H_kv != 0) throw std::invalid_argument("query heads H must be a multiple of key/value heads H_kv");
+  if (B > 65535 || H > 65535) throw std::invalid_argument("B and H must be at most 65535 (CUDA grid limits)");
+  if (Q >= (int64_t(1) << 31) - 256 || K >= (int64_t(1) << 31) - 256)
+    throw std::invalid_argument("Q and K must be below 2^31 - 256");
+  if (!(scale == scale) || scale - scale != 0) throw std::invalid_argument("scale must be finite");
+  if (!(softcap >= 0) || softcap - softcap != 0) throw std::invalid_argument("softcap must be finite and >= 0 (0: none)");
+  const int block_m = dmattn::cuda::fwd_block_m(int(D));  // rejects head dims that are not compiled
+
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.out = out.data();
+  p.lse = static_cast<float*>(lse.data());
+  rows_aligned(q, "query", p.q_stride);
+  rows_aligned(k, "key", p.k_stride);
+  rows_aligned(v, "value", p.v_stride);
+  rows_aligned(out, "out", p.out_stride);
+  if (lse.stride(2) != 1 && Q > 1) throw std::invalid_argument("lse must have contiguous rows (last dim stride 1)");
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+
+  if (bias) {
+    if (bias->device_id() != device) throw std::invalid_argument("bias must be on query's CUDA device");
+    p.bias = bias->data();
+    p.bias_dtype = float_dtype(bias->dtype());
+    broadcast_view(*bias, "bias", B, H, H_kv, Q, K, p.bias_stride, &p.bias_heads);
+  }
+  if (mask) {
+    if (mask->device_id() != device) throw std::invalid_argument("mask must be on query's CUDA device");
+    if (mask->dtype() != nb::dtype<bool>()) throw nb::type_error("mask must be a bool tensor");
+    p.mask = static_cast<const uint8_t*>(mask->data());
+    broadcast_view(*mask, "mask", B, H, H_kv, Q, K, p.mask_stride, &p.mask_heads);
+  }
+
+  if (idx.has_value() != counts.has_value()) throw std::invalid_argument("idx and counts come together (LIST path)");
+  if (idx) {
+    for (const AnyCuda* t : {&*idx, &*counts}) {
+      if (t->device_id() != device) throw std::invalid_argument("idx and counts must be on query's CUDA device");
+      if (t->dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx and counts must be int32");
+      if (t->ndim() != 3) throw std::invalid_argument("idx and counts must be 3-D (B_s, H_s, ...)");
+      const bool contiguous = (t->shape(2) <= 1 || t->stride(2) == 1) &&
+                              (t->shape(1) <= 1 || t->stride(1) == int64_t(t->shape(2))) &&
+                              (t->shape(0) <= 1 || t->stride(0) == int64_t(t->shape(1) * t->shape(2)));
+      if (!contiguous) throw std::invalid_argument("idx and counts must be contiguous");
+    }
+    const int64_t B_s = idx->shape(0), H_s = idx->shape(1), W = idx->shape(2);
+    if ((B_s != 1 && B_s != B) || H_s < 1 || H % H_s != 0)
+      throw std::invalid_argument("idx must be (B|1, H_s, W) with H a multiple of H_s, got " + shape_str(*idx));
+    if (W >= (int64_t(1) << 31)) throw std::invalid_argument("idx lists must be shorter than 2^31");
+    const int64_t n_blocks = (Q + block_m - 1) / block_m;
+    expect_shape(*counts, "counts", {B_s, H_s, n_blocks});
+    p.idx = static_cast<const int32_t*>(idx->data());
+    p.counts = static_cast<const int32_t*>(counts->data());
+    p.list_len = W;
+    p.sel_heads = int(H_s);
+    p.sel_batched = B_s > 1;
+    p.n_query_blocks = int(n_blocks);
+  }
+
+  p.B = int(B);
+  p.Q = int(Q);
+  p.K = int(K);
+  p.H = int(H);
+  p.H_kv = int(H_kv);
+  p.D = int(D);
+  p.scale = float(scale);
+  p.softcap = float(softcap);
+  p.causal = causal;
+  if (B == 0 || Q == 0 || H == 0) return;
+
+  int current = -1, major = 0;
+  dmattn::cuda::check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device)
+    throw std::invalid_argument("the current CUDA device (" + std::to_string(current) + ") is not query's (" +
+                                std::to_string(device) + ")");
+  dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                           "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  if (major < 8) throw std::invalid_argument("the CUDA forward needs compute capability >= 8.0 (mma.sync bf16, cp.async)");
+  dmattn::cuda::fwd(p, reinterpret_cast<cudaStream_t>(stream));
 }
 
 nb::dict info() {
@@ -160,6 +329,7 @@ nb::dict info() {
   d["archs"] = std::string(DMATTN_CUDA_ARCHS_STRING);
   int count = 0;
   d["device_count"] = cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+  d["fwd_head_dims"] = std::string(dmattn::cuda::compiled_head_dims());
   return d;
 }
 
@@ -172,4 +342,13 @@ NB_MODULE(_cuda, m) {
         nb::arg("workspace").noconvert(), nb::kw_only(), nb::arg("window"), nb::arg("stream"),
         "Global-scope top-w key indices per broadcast row, ascending, padded with -1 (see dmattn.topk_indices).\n"
         "workspace: CUDA bytes, at least rows * window * 16. stream: cudaStream_t as an integer.");
+  m.def("fwd", &fwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
+        nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("idx").none(), nb::arg("counts").none(),
+        nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
+        "Attention forward into out (B, Q, H, D) and lse (B, H, Q) float32 (see dmattn.cuda_ext.forward).\n"
+        "q (B, Q, H, D), k/v (B, K, H_kv, D): float16 or bfloat16, contiguous head dim, 16-byte rows.\n"
+        "bias/mask: (B|1, H|H_kv|1, Q|1, K), any float dtype / bool. idx (B_s, H_s, W) and counts\n"
+        "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path. softcap 0: none. stream: an integer.");
+  m.def("fwd_block_m", &dmattn::cuda::fwd_block_m, nb::arg("head_dim"),
+        "Query rows per block of the CUDA forward for a head dim (the block size of the LIST counts).");
 }

@@ -1,0 +1,91 @@
+// The one place that turns run-time properties into the compile-time variants that exist:
+// dtype x head dim x "bias or mask per query row". Every other feature (causality, bias dtype,
+// softcap, DENSE or LIST keys) is a run-time flag inside the kernels, so a head dim costs four
+// instantiations.
+//
+// Head dims are compiled per build: CMake (DMATTN_CUDA_HEADDIMS) generates one translation unit per
+// head dim that includes fwd_kernel.cuh and this header and expands DMATTN_INSTANTIATE_FWD, and
+// defines DMATTN_HAS_HDIM_<D>; a head dim left out is rejected here with its reason.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "dmattn/params.h"
+
+#ifndef DMATTN_CUDA_HEADDIMS_STRING
+#define DMATTN_CUDA_HEADDIMS_STRING ""
+#endif
+
+namespace dmattn {
+namespace cuda {
+
+template <DType kDType>
+using DTypeTag = std::integral_constant<DType, kDType>;
+template <int kHeadDim>
+using HeadDimTag = std::integral_constant<int, kHeadDim>;
+
+// The head dims of this build, as text for messages and info().
+inline const char* compiled_head_dims() { return DMATTN_CUDA_HEADDIMS_STRING; }
+
+template <class F>
+void head_dim_switch(int head_dim, F&& f) {
+  switch (head_dim) {
+#ifdef DMATTN_HAS_HDIM_32
+    case 32: return f(HeadDimTag<32>{});
+#endif
+#ifdef DMATTN_HAS_HDIM_64
+    case 64: return f(HeadDimTag<64>{});
+#endif
+#ifdef DMATTN_HAS_HDIM_96
+    case 96: return f(HeadDimTag<96>{});
+#endif
+#ifdef DMATTN_HAS_HDIM_128
+    case 128: return f(HeadDimTag<128>{});
+#endif
+#ifdef DMATTN_HAS_HDIM_256
+    case 256: return f(HeadDimTag<256>{});
+#endif
+    default:
+      throw std::invalid_argument("head dim D=" + std::to_string(head_dim) +
+                                  " is not supported by the CUDA forward; this build has D in {" +
+                                  compiled_head_dims() + "} (CMake option DMATTN_CUDA_HEADDIMS)");
+  }
+}
+
+template <class F>
+void dtype_switch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f16: return f(DTypeTag<DType::f16>{});
+    case DType::bf16: return f(DTypeTag<DType::bf16>{});
+    default: throw std::invalid_argument("the CUDA forward supports float16 and bfloat16 query/key/value only");
+  }
+}
+
+template <class F>
+void bool_switch(bool value, F&& f) {
+  if (value) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+// f(DTypeTag, HeadDimTag, per-query bool_constant) for a compiled variant.
+template <class F>
+void fwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
+  dtype_switch(dtype, [&](auto dt) {
+    head_dim_switch(head_dim, [&](auto hd) { bool_switch(per_query, [&](auto pq) { f(dt, hd, pq); }); });
+  });
+}
+
+}  // namespace cuda
+}  // namespace dmattn
+
+// Every variant of one head dim: the list fwd_switch dispatches over.
+#define DMATTN_INSTANTIATE_FWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                       \
+  template void dmattn::cuda::launch_fwd<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>( \
+      const dmattn::cuda::FwdParams&, cudaStream_t);
+#define DMATTN_INSTANTIATE_FWD(HEAD_DIM)            \
+  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, false)  \
+  DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, true)   \
+  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, false) \
+  DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, true)

@@ -1,0 +1,33 @@
+// Tile sizes of the CUDA kernels, chosen in one place. Host code (the Python-facing block size of
+// the LIST metadata) and device code (the kernel templates) read the same constexpr function.
+#pragma once
+
+namespace dmattn {
+namespace cuda {
+
+struct FwdTile {
+  int block_m;  // query rows per thread block
+  int block_n;  // keys per tile of the inner loop
+  int warps;    // warps per thread block, stacked along the query rows
+};
+
+// Provisional: no choice here has been timed yet (the kernel was written on a machine without a
+// GPU); the reasons are register and shared-memory budgets read from `ptxas -v` for sm_80, plus
+// one measurement of a related kernel.
+// - D <= 64: 128 x 64, 4 warps (FlashAttention-2's sm80 shape). Each warp owns 32 query rows;
+//   S (64 floats per thread) and O (<= 64) fit in registers (no spills in the per-key variant,
+//   ~150 bytes per thread in the per-query one).
+// - D = 96, 128: 128 x 32, 4 warps. With 64 keys per tile S and O need 192 accumulator registers
+//   per thread and the D = 128 kernel spilled ~190 bytes per thread; 32 keys halve S and leave
+//   under 100 bytes. The Triton forward's sweep on H200 (kernels/triton,
+//   launch_config) also found 128 x 32 fastest at D = 128 for gathered key tiles. Q, K, V tiles
+//   take (128 + 2 * 32) * D * 2 bytes (48 KiB at D = 128).
+// - D = 256: 64 x 32, 4 warps: O is 128 registers per thread, and Q, K, V take 64 KiB.
+// block_m depends on D only (not on the dtype or the variant), so the LIST metadata built for a
+// head dim (per query block counts, see fwd_block_m) serves every kernel of that head dim.
+constexpr FwdTile fwd_tile(int head_dim) {
+  return head_dim <= 64 ? FwdTile{128, 64, 4} : head_dim <= 128 ? FwdTile{128, 32, 4} : FwdTile{64, 32, 4};
+}
+
+}  // namespace cuda
+}  // namespace dmattn
