@@ -527,9 +527,15 @@ def dma_fwd_combine_kernel(PartO, PartM, PartL, Out, Lse, ROWS, Q, H, GROUP, sob
 
 @triton.jit(do_not_specialize=("Q", "H"))
 def dma_bwd_preprocess_kernel(Out, DO, Delta, sob, som, soh, sod, sdb, sdm, sdh, sdd, Q, H, D: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO * O) in float32, (B, H, Q): read once in the inputs' dtype, so the backward
-    does not materialise float32 copies of O and dO."""
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, (B, H, Q), read once in the inputs' dtype (no float32
+    copies of O and dO).
+
+    Taken from the diagonal of the same dot the dq and dk/dv kernels use for dP = dO V^T, so that
+    both sum over D in one order: where a row's probability sits on one key (window 1, or a single
+    candidate), O equals that key's V row and dS = P (dP - delta) cancels to exactly 0 instead of
+    to rounding noise, which the dbias reduction over many rows would otherwise add up (seen on the
+    H200 in float32: 2e-5 for a gradient that is exactly 0)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -540,7 +546,9 @@ def dma_bwd_preprocess_kernel(Out, DO, Delta, sob, som, soh, sod, sdb, sdm, sdh,
     rows = offs_m[:, None].to(tl.int64)
     o = tl.load(Out + b * sob + h * soh + rows * som + offs_d[None, :] * sod, mask=ok, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
+    dd = _dot(do, tl.trans(o), UPCAST)  # [BLOCK_M, BLOCK_M]
+    diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+    delta = tl.sum(tl.where(diag, dd, 0.0), 1)  # [BLOCK_M]
     tl.store(Delta + pid_bh.to(tl.int64) * Q + offs_m, delta, mask=offs_m < Q)
 
 
@@ -705,7 +713,8 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
     dev = q.device
     delta = torch.empty(p.B, p.H, p.Q, dtype=torch.float32, device=dev)
     dma_bwd_preprocess_kernel[(triton.cdiv(p.Q, 64), p.B * p.H)](
-        out, dout, delta, *out.stride(), *dout.stride(), p.Q, p.H, D=p.D, BLOCK_M=64, BLOCK_D=_head_block(p.D))
+        out, dout, delta, *out.stride(), *dout.stride(), p.Q, p.H, D=p.D, BLOCK_M=64, BLOCK_D=_head_block(p.D),
+        UPCAST=INTERPRETED)
     per_query_bias = a.flags["BIAS_PER_QUERY"]
     write_ds = dbias is not None and per_query_bias
     write_db = dbias is not None and not per_query_bias
