@@ -114,26 +114,25 @@ __device__ __forceinline__ void load_contiguous(GmemCopy const& gmem_copy, Src c
   }
 }
 
-// Scale or softcap every score of a fragment in place. dtanh gets the chain-rule factor of the cap,
-// 1 - tanh^2 (1 without softcap); the factor `scale` is applied once to dq and dk at the end.
-template <class Frag, int N>
-__device__ __forceinline__ void cap_scores(Frag& acc_s, float (&dtanh)[N], float scale, float softcap) {
-  static_assert(decltype(size(acc_s))::value == N, "one factor per score");
+// Scale or softcap every score of a fragment in place. The chain-rule factor of the cap,
+// 1 - tanh^2, is taken later from the capped score itself (tanh = capped / softcap), so no second
+// score-sized fragment is live; the factor `scale` is applied once to dq and dk at the end.
+template <class Frag>
+__device__ __forceinline__ void cap_scores(Frag& acc_s, float scale, float softcap) {
   if (softcap > 0.f) {
     const float scale_over_cap = scale / softcap;
     CUTE_UNROLL
-    for (int i = 0; i < N; ++i) {
-      const float t = tanhf(acc_s(i) * scale_over_cap);
-      acc_s(i) = softcap * t;
-      dtanh[i] = 1.f - t * t;
-    }
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
   } else {
     CUTE_UNROLL
-    for (int i = 0; i < N; ++i) {
-      acc_s(i) *= scale;
-      dtanh[i] = 1.f;
-    }
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
   }
+}
+
+// d(capped score) / d(score before the cap) / scale, from the capped score: 1 - tanh^2.
+__device__ __forceinline__ float cap_factor(float capped, float inv_cap) {
+  const float t = capped * inv_cap;
+  return 1.f - t * t;
 }
 
 // An accumulator (scaled) into rows of a (row, D) global tensor: element (r, c) of the fragment
@@ -301,6 +300,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   }
 
   const bool write_ds = kPerQuery && p.ds != nullptr;
+  const bool softcap = p.softcap > 0.f;
+  const float inv_cap = softcap ? 1.f / p.softcap : 0.f;
   float* ds_row = p.ds != nullptr ? p.ds + bh * p.Q * int64_t(p.K) : nullptr;
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -330,13 +331,9 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
     gemm_smem(acc_dp, tSrdO, tSrV, tSsdO, sthr_B.partition_S(sV_at(stage)), tiled_mma, smem_copy_A, smem_copy_B,
               sthr_A, sthr_B);
 
-    constexpr int kFrag = decltype(size(acc_s))::value;
-    float dtanh[kFrag];
-    cap_scores(acc_s, dtanh, p.scale, p.softcap);
-    Tensor dtanh_t = make_tensor(&dtanh[0], acc_s.layout());
+    cap_scores(acc_s, p.scale, p.softcap);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-    Tensor dt_rc = make_tensor(dtanh_t.data(), rowcol(dtanh_t.layout()));
     int col_key[kColsT];
     float col_bias[kColsT];
     CUTE_UNROLL
@@ -367,7 +364,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
         const float prob = visible ? exp2f(fmaf(s, kLog2e, -row_lse[mi])) : 0.f;
         const float ds = prob * (dp_rc(mi, ni) - row_delta[mi]);
         if (write_ds && visible) ds_row[int64_t(row) * p.K + key] = ds;
-        dp_rc(mi, ni) = ds * dt_rc(mi, ni);
+        dp_rc(mi, ni) = softcap ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;
       }
     }
 
@@ -554,6 +551,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   issue(0);
   publish(0);
 
+  const bool softcap = p.softcap > 0.f;
+  const float inv_cap = softcap ? 1.f / p.softcap : 0.f;
   float row_bias[kRowsT];  // query-broadcast bias of each row's key for the current head
   int row_vis[kRowsT];     // row_key, or -1 where a query-broadcast mask drops the key
   float row_db[kRowsT];    // sum over the head's queries of dS
@@ -590,13 +589,9 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     gemm_smem(acc_dp, tSrV, tSrdO, tSsV, sthr_B.partition_S(sdO_at(stage)), tiled_mma, smem_copy_A, smem_copy_B,
               sthr_A, sthr_B);
 
-    constexpr int kFrag = decltype(size(acc_s))::value;
-    float dtanh[kFrag];
-    cap_scores(acc_s, dtanh, p.scale, p.softcap);
-    Tensor dtanh_t = make_tensor(&dtanh[0], acc_s.layout());
+    cap_scores(acc_s, p.scale, p.softcap);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-    Tensor dt_rc = make_tensor(dtanh_t.data(), rowcol(dtanh_t.layout()));
     // P^T overwrites S^T, dS^T (times the softcap factor) overwrites dP^T.
     CUTE_UNROLL
     for (int ni = 0; ni < kColsT; ++ni) {
@@ -621,8 +616,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
         const float prob = visible ? exp2f(fmaf(s, kLog2e, -lse)) : 0.f;
         const float ds = prob * (dp_rc(mi, ni) - delta);
         row_db[mi] += ds;
+        dp_rc(mi, ni) = softcap ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;
         s_rc(mi, ni) = prob;
-        dp_rc(mi, ni) = ds * dt_rc(mi, ni);
       }
     }
 
