@@ -1,6 +1,7 @@
 // The CUDA module `dmattn._cuda`: build information, the global-scope key selection on the GPU
 // (compiled from the same selection header as the CPU core, cpp/include/dmattn/selection.h), and
-// the binding of the attention forward (fwd.h; kernels in fwd_kernel.cuh).
+// the bindings of the attention forward (fwd.h; kernels in fwd_kernel.cuh) and backward (bwd.h;
+// kernels in bwd_kernel.cuh).
 //
 // The selection here is one thread per broadcast row with a running top-w heap: exact and simple,
 // the first GPU consumer of the shared header and the CUDA backend's starting point. The attention
@@ -16,9 +17,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "check.h"
 #include "dmattn/selection.h"
+#include "bwd.h"
 #include "fwd.h"
 #include "switch.h"
 
@@ -154,9 +157,10 @@ void topk_indices(AnyCuda bias, std::optional<AnyCuda> mask, CudaArray out, Cuda
   dmattn::cuda::check_cuda(cudaGetLastError(), "topk_rows_kernel launch");
 }
 
-// ---------------------------------------------------------------- attention forward
+// ---------------------------------------------------------------- attention forward and shared checks
 
 using dmattn::DType;
+using dmattn::cuda::BwdParams;
 using dmattn::cuda::FwdParams;
 
 std::string shape_str(const AnyCuda& t) {
@@ -222,11 +226,14 @@ void broadcast_view(const AnyCuda& t, const char* name, int64_t B, int64_t H, in
   *heads = int(s1);
 }
 
-void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
-         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
-         bool causal, uintptr_t stream) {
+// Checks the arguments the forward and the backward share and fills their part of the params:
+// q/k/v, bias/mask broadcast, out (B, Q, H, D) and lse (B, H, Q) float32, the LIST metadata with
+// counts per query block of `block_m_of(D)` rows, sizes and flags.
+void fill_common(FwdParams& p, const AnyCuda& q, const AnyCuda& k, const AnyCuda& v,
+                 const std::optional<AnyCuda>& bias, const std::optional<AnyCuda>& mask, const AnyCuda& out,
+                 const AnyCuda& lse, const std::optional<AnyCuda>& idx, const std::optional<AnyCuda>& counts,
+                 double scale, double softcap, bool causal, int (*block_m_of)(int)) {
   if (q.ndim() != 4) throw std::invalid_argument("query must be 4-D (B, Q, H, D), got " + shape_str(q));
-  FwdParams p;
   p.dtype = qkv_dtype(q.dtype());
   const int64_t B = q.shape(0), Q = q.shape(1), H = q.shape(2), D = q.shape(3);
   if (k.ndim() != 4) throw std::invalid_argument("key must be 4-D (B, K, H_kv, D), got " + shape_str(k));
@@ -248,7 +255,7 @@ void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::opti
     throw std::invalid_argument("Q and K must be below 2^31 - 256");
   if (!(scale == scale) || scale - scale != 0) throw std::invalid_argument("scale must be finite");
   if (!(softcap >= 0) || softcap - softcap != 0) throw std::invalid_argument("softcap must be finite and >= 0 (0: none)");
-  const int block_m = dmattn::cuda::fwd_block_m(int(D));  // rejects head dims that are not compiled
+  const int block_m = block_m_of(int(D));  // rejects head dims that are not compiled
 
   p.q = q.data();
   p.k = k.data();
@@ -310,8 +317,10 @@ void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::opti
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.causal = causal;
-  if (B == 0 || Q == 0 || H == 0) return;
+}
 
+// The current device must be the tensors' one, with mma.sync bf16 and cp.async (sm_80+).
+void check_device(int device, const char* what) {
   int current = -1, major = 0;
   dmattn::cuda::check_cuda(cudaGetDevice(&current), "cudaGetDevice");
   if (current != device)
@@ -319,8 +328,100 @@ void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::opti
                                 std::to_string(device) + ")");
   dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
                            "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  if (major < 8) throw std::invalid_argument("the CUDA forward needs compute capability >= 8.0 (mma.sync bf16, cp.async)");
+  if (major < 8)
+    throw std::invalid_argument(std::string("the CUDA ") + what +
+                                " needs compute capability >= 8.0 (mma.sync bf16, cp.async)");
+}
+
+void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
+         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
+         bool causal, uintptr_t stream) {
+  FwdParams p;
+  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::fwd_block_m);
+  if (p.B == 0 || p.Q == 0 || p.H == 0) return;
+  check_device(q.device_id(), "forward");
   dmattn::cuda::fwd(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
+// ---------------------------------------------------------------- attention backward
+
+// A float32 tensor of exactly `shape`, contiguous, on `device`.
+void expect_f32_contiguous(const AnyCuda& t, const char* name, std::initializer_list<int64_t> shape, int device) {
+  expect_shape(t, name, shape);
+  if (t.dtype() != nb::dtype<float>()) throw nb::type_error((std::string(name) + " must be float32").c_str());
+  if (t.device_id() != device) throw std::invalid_argument(std::string(name) + " must be on query's CUDA device");
+  int64_t expected = 1;
+  for (int d = int(t.ndim()) - 1; d >= 0; --d) {
+    if (t.shape(d) > 1 && t.stride(d) != expected)
+      throw std::invalid_argument(std::string(name) + " must be contiguous");
+    expected *= int64_t(t.shape(d));
+  }
+}
+
+void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout, std::optional<AnyCuda> bias,
+         std::optional<AnyCuda> mask, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, AnyCuda delta,
+         std::optional<AnyCuda> dq, std::optional<AnyCuda> dk, std::optional<AnyCuda> dv,
+         std::optional<AnyCuda> dbias_keys, std::optional<AnyCuda> ds, double scale, double softcap, bool causal,
+         uintptr_t stream) {
+  BwdParams p;
+  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m);
+  const int64_t B = p.B, Q = p.Q, K = p.K, H = p.H, H_kv = p.H_kv, D = p.D;
+  const int device = q.device_id();
+  if (B * H > 65535) throw std::invalid_argument("B * H must be at most 65535 (CUDA grid limit of the dk/dv kernel)");
+
+  expect_shape(dout, "dout", {B, Q, H, D});
+  if (dout.dtype() != q.dtype()) throw nb::type_error("dout must have query's dtype");
+  if (dout.device_id() != device) throw std::invalid_argument("dout must be on query's CUDA device");
+  p.dout = dout.data();
+  rows_aligned(dout, "dout", p.dout_stride);
+  expect_f32_contiguous(delta, "delta", {B, H, Q}, device);
+  p.delta = static_cast<float*>(delta.data());
+
+  if (dq) {
+    expect_shape(*dq, "dq", {B, Q, H, D});
+    if (dq->dtype() != q.dtype()) throw nb::type_error("dq must have query's dtype");
+    if (dq->device_id() != device) throw std::invalid_argument("dq must be on query's CUDA device");
+    p.dq = dq->data();
+    rows_aligned(*dq, "dq", p.dq_stride);
+  }
+
+  // One list per query head of a group: per-head float32 partials, summed over the group by the caller.
+  const bool per_head = idx && p.sel_heads > H_kv;
+  p.dkdv_heads = per_head ? 1 : int(H / H_kv);
+  if (dk.has_value() != dv.has_value()) throw std::invalid_argument("dk and dv come together");
+  if (dk) {
+    const int64_t heads_out = per_head ? H : H_kv;
+    for (auto [t, name, stride] : {std::tuple{&*dk, "dk", p.dk_stride}, std::tuple{&*dv, "dv", p.dv_stride}}) {
+      expect_shape(*t, name, {B, K, heads_out, D});
+      if (t->device_id() != device) throw std::invalid_argument(std::string(name) + " must be on query's CUDA device");
+      if (per_head && t->dtype() != nb::dtype<float>())
+        throw nb::type_error((std::string(name) + " must be float32 (B, K, H, D) per-head partials when the lists "
+                              "are per query head (idx has more heads than key/value)").c_str());
+      if (!per_head && t->dtype() != q.dtype()) throw nb::type_error((std::string(name) + " must have query's dtype").c_str());
+      if (t->stride(3) != 1 && D > 1) throw std::invalid_argument(std::string(name) + " needs a contiguous last dim");
+      for (int d = 0; d < 3; ++d) stride[d] = t->stride(d);
+    }
+    p.dk = dk->data();
+    p.dv = dv->data();
+    p.dkdv_f32 = per_head;
+  }
+
+  if (dbias_keys) {
+    if (!bias || p.bias_stride[2] != 0)
+      throw std::invalid_argument("dbias_keys is the dbias partial of a query-broadcast bias (B|1, H|H_kv|1, 1, K)");
+    expect_f32_contiguous(*dbias_keys, "dbias_keys", {B, H, K}, device);
+    p.dbias_keys = static_cast<float*>(dbias_keys->data());
+  }
+  if (ds) {
+    if (!bias || p.bias_stride[2] == 0)
+      throw std::invalid_argument("ds is the dbias buffer of a per-query bias (B|1, H|H_kv|1, Q, K) with Q > 1");
+    expect_f32_contiguous(*ds, "ds", {B, H, Q, K}, device);
+    p.ds = static_cast<float*>(ds->data());
+  }
+
+  if (B == 0 || Q == 0 || H == 0) return;
+  check_device(device, "backward");
+  dmattn::cuda::bwd(p, reinterpret_cast<cudaStream_t>(stream));
 }
 
 nb::dict info() {
@@ -330,6 +431,7 @@ nb::dict info() {
   int count = 0;
   d["device_count"] = cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
   d["fwd_head_dims"] = std::string(dmattn::cuda::compiled_head_dims());
+  d["bwd_head_dims"] = std::string(dmattn::cuda::compiled_head_dims());
   return d;
 }
 
@@ -349,6 +451,18 @@ NB_MODULE(_cuda, m) {
         "q (B, Q, H, D), k/v (B, K, H_kv, D): float16 or bfloat16, contiguous head dim, 16-byte rows.\n"
         "bias/mask: (B|1, H|H_kv|1, Q|1, K), any float dtype / bool. idx (B_s, H_s, W) and counts\n"
         "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path. softcap 0: none. stream: an integer.");
+  m.def("bwd", &bwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
+        nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("idx").none(), nb::arg("counts").none(),
+        nb::arg("delta").noconvert(), nb::arg("dq").noconvert().none(), nb::arg("dk").noconvert().none(),
+        nb::arg("dv").noconvert().none(), nb::arg("dbias_keys").noconvert().none(), nb::arg("ds").noconvert().none(),
+        nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
+        "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
+        "counts (LIST) per block of bwd_dq_block_m(D) query rows. Workspaces and outputs, all allocated by the\n"
+        "caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D) in q's dtype, or float32\n"
+        "(B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys float32 (B, H, K)\n"
+        "(query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled. Deterministic.");
+  m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
+        "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
   m.def("fwd_block_m", &dmattn::cuda::fwd_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA forward for a head dim (the block size of the LIST counts).");
 }

@@ -1,11 +1,12 @@
 // The one place that turns run-time properties into the compile-time variants that exist:
 // dtype x head dim x "bias or mask per query row". Every other feature (causality, bias dtype,
-// softcap, DENSE or LIST keys) is a run-time flag inside the kernels, so a head dim costs four
-// instantiations.
+// softcap, DENSE or LIST keys, per-head dk/dv partials) is a run-time flag inside the kernels, so
+// a head dim costs four forward instantiations and four of each backward kernel.
 //
-// Head dims are compiled per build: CMake (DMATTN_CUDA_HEADDIMS) generates one translation unit per
-// head dim that includes fwd_kernel.cuh and this header and expands DMATTN_INSTANTIATE_FWD, and
-// defines DMATTN_HAS_HDIM_<D>; a head dim left out is rejected here with its reason.
+// Head dims are compiled per build: CMake (DMATTN_CUDA_HEADDIMS) generates per head dim one
+// translation unit that includes fwd_kernel.cuh and expands DMATTN_INSTANTIATE_FWD and one that
+// includes bwd_kernel.cuh and expands DMATTN_INSTANTIATE_BWD, and defines DMATTN_HAS_HDIM_<D>; a
+// head dim left out is rejected here with its reason.
 #pragma once
 
 #include <stdexcept>
@@ -49,7 +50,7 @@ void head_dim_switch(int head_dim, F&& f) {
 #endif
     default:
       throw std::invalid_argument("head dim D=" + std::to_string(head_dim) +
-                                  " is not supported by the CUDA forward; this build has D in {" +
+                                  " is not supported by the CUDA kernels; this build has D in {" +
                                   compiled_head_dims() + "} (CMake option DMATTN_CUDA_HEADDIMS)");
   }
 }
@@ -59,7 +60,7 @@ void dtype_switch(DType dtype, F&& f) {
   switch (dtype) {
     case DType::f16: return f(DTypeTag<DType::f16>{});
     case DType::bf16: return f(DTypeTag<DType::bf16>{});
-    default: throw std::invalid_argument("the CUDA forward supports float16 and bfloat16 query/key/value only");
+    default: throw std::invalid_argument("the CUDA kernels support float16 and bfloat16 query/key/value only");
   }
 }
 
@@ -77,6 +78,12 @@ void fwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
   });
 }
 
+// The backward has the same variants as the forward.
+template <class F>
+void bwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
+  fwd_switch(dtype, head_dim, per_query, f);
+}
+
 }  // namespace cuda
 }  // namespace dmattn
 
@@ -89,3 +96,14 @@ void fwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
   DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, true)   \
   DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, false) \
   DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, true)
+
+#define DMATTN_INSTANTIATE_BWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                            \
+  template void dmattn::cuda::launch_bwd_dq<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>(   \
+      const dmattn::cuda::BwdParams&, cudaStream_t);                                       \
+  template void dmattn::cuda::launch_bwd_dkdv<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>( \
+      const dmattn::cuda::BwdParams&, cudaStream_t);
+#define DMATTN_INSTANTIATE_BWD(HEAD_DIM)            \
+  DMATTN_INSTANTIATE_BWD_ONE(f16, HEAD_DIM, false)  \
+  DMATTN_INSTANTIATE_BWD_ONE(f16, HEAD_DIM, true)   \
+  DMATTN_INSTANTIATE_BWD_ONE(bf16, HEAD_DIM, false) \
+  DMATTN_INSTANTIATE_BWD_ONE(bf16, HEAD_DIM, true)

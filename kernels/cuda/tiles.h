@@ -29,5 +29,24 @@ constexpr FwdTile fwd_tile(int head_dim) {
   return head_dim <= 64 ? FwdTile{128, 64, 4} : head_dim <= 128 ? FwdTile{128, 32, 4} : FwdTile{64, 32, 4};
 }
 
+struct BwdTile {
+  int dq_block_m;    // query rows per dq thread block
+  int dq_block_n;    // keys per tile of the dq loop
+  int dkdv_block_n;  // keys per dk/dv thread block
+  int dkdv_block_m;  // query rows per step of the dk/dv loop
+  int warps;         // warps per thread block, stacked along the block's fixed rows
+};
+
+// Provisional, from register budgets only (not timed yet). Both kernels keep their gradient
+// accumulator in registers with 16 rows per warp (D floats per thread for dk + dv, D / 2 for dq)
+// and stream tiles of 32 (D > 64) or 64 rows whose two score-sized fragments (S, dP) take 16 or 32
+// floats per thread. D = 256 holds 256 accumulator floats per thread in the dk/dv kernel and
+// spills; a variant that splits D across warps would not.
+// Shared memory (bf16, D = 128): dq 64 KiB (Q, dO, two stages of K and V), dk/dv 64 KiB (K, V, two
+// stages of Q and dO); D = 256 doubles both (sm_80 allows 163 KiB per block).
+constexpr BwdTile bwd_tile(int head_dim) {
+  return head_dim <= 64 ? BwdTile{64, 64, 64, 64, 4} : BwdTile{64, 32, 64, 32, 4};
+}
+
 }  // namespace cuda
 }  // namespace dmattn

@@ -1,7 +1,8 @@
 """The compiled CUDA module ``dmattn._cuda``, when it was built and imports: build information, an
 exact one-thread-per-row ``topk_indices`` on CUDA tensors (compiled from the selection header shared
 with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), and the CuTe
-attention forward (``forward``), tested directly until the CUDA backend has a backward."""
+attention forward (``forward``) and backward (``backward``), tested directly until they are
+registered as the ``cuda`` backend."""
 
 from __future__ import annotations
 
@@ -101,3 +102,97 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
         _cuda.fwd(q, k, v, bias, mask, out, lse, idx, counts, scale=float(D ** -0.5 if scale is None else scale),
                   softcap=float(softcap or 0.0), causal=bool(is_causal), stream=stream)
     return out, lse
+
+
+def has_backward() -> bool:
+    """Whether the module carries the attention backward (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "bwd")
+
+
+def bwd_dq_block_m(head_dim: int) -> int:
+    """Query rows per thread block of the CUDA dq kernel: the block size of the backward's LIST counts."""
+    return _cuda.bwd_dq_block_m(head_dim)
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
+             scale: Optional[float] = None, softcap: Optional[float] = None, is_causal: bool = False,
+             idx: Optional[torch.Tensor] = None, need_dq: bool = True, need_dkdv: bool = True,
+             need_dbias: Optional[bool] = None, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
+             dv: Optional[torch.Tensor] = None):
+    """The CuTe backward of ``forward``: ``(dq, dk, dv, dbias)``, each None when not wanted.
+
+    Same inputs as ``forward`` (the LIST path takes ``idx`` from ``list_selection``; its counts are
+    rebuilt for the dq kernel's block size), plus ``out``/``lse`` of the forward and the cotangent
+    ``dout``. dbias (wanted by default when there is a bias) is returned in the bias's shape and
+    dtype. ``dq``/``dk``/``dv`` may be passed in (contiguous, q's dtype) to be filled. Deterministic:
+    no atomics anywhere.
+
+    Extra memory, as the Triton backward: float32 delta (B, H, Q); for a query-broadcast bias a
+    float32 (B, H, K) dbias partial; for a per-query bias a float32 (B, H, Q, K) dS buffer; on the
+    LIST path with one list per query head (idx with more heads than H_kv), float32 (B, K, H, D)
+    dk/dv partials summed over each group here.
+    """
+    from .kernels.triton.selection import block_counts
+    from .reference import reduce_to
+
+    B, Q, H, D = q.shape
+    K, H_kv = k.shape[1], k.shape[2]
+    dev = q.device
+    if need_dbias is None:
+        need_dbias = bias is not None
+    if need_dbias and bias is None:
+        raise ValueError("need_dbias=True needs a bias")
+    per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[2] > 1
+    counts = None
+    if idx is not None:
+        counts = block_counts(idx, Q, K, bwd_dq_block_m(D), is_causal)
+    listed = idx is not None
+    per_head = listed and idx.dim() == 3 and idx.shape[1] > H_kv
+
+    delta = torch.empty(B, H, Q, dtype=torch.float32, device=dev)
+    if need_dq and dq is None:
+        dq = new_output((B, Q, H, D), q.dtype, dev)
+    if not need_dq:
+        dq = None
+    ds = db_keys = None
+    if need_dbias and per_query_bias:
+        ds = torch.zeros(B, H, Q, K, dtype=torch.float32, device=dev)
+    elif need_dbias:
+        db_keys = torch.zeros(B, H, K, dtype=torch.float32, device=dev)
+    dk_buf = dv_buf = None
+    if need_dkdv:
+        if per_head:
+            dk_buf = torch.zeros(B, K, H, D, dtype=torch.float32, device=dev)
+            dv_buf = torch.zeros_like(dk_buf)
+        else:
+            dk_buf = dk if dk is not None else new_output((B, K, H_kv, D), q.dtype, dev)
+            dv_buf = dv if dv is not None else new_output((B, K, H_kv, D), q.dtype, dev)
+            if listed:  # keys in no list get no gradient, and no thread block visits them
+                dk_buf.zero_()
+                dv_buf.zero_()
+    else:
+        dk = dv = None
+
+    dout, q, k, v, out, lse, bias, mask, idx = plain(dout, q, k, v, out, lse, bias, mask, idx)
+    dout, q, k, v, out = (_kernel_rows(t) for t in (dout, q, k, v, out))
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _cuda.bwd(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys, ds,
+                  scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
+                  causal=bool(is_causal), stream=stream)
+
+    if need_dkdv:
+        if per_head:
+            group = H // H_kv
+            dk_sum = dk_buf.view(B, K, H_kv, group, D).sum(3)
+            dv_sum = dv_buf.view(B, K, H_kv, group, D).sum(3)
+            dk = dk.copy_(dk_sum) if dk is not None else dk_sum.to(q.dtype)
+            dv = dv.copy_(dv_sum) if dv is not None else dv_sum.to(q.dtype)
+        else:
+            dk, dv = dk_buf, dv_buf
+    dbias = None
+    if need_dbias:
+        grad = ds if ds is not None else db_keys.unsqueeze(2)
+        dbias = reduce_to(grad, bias.shape).to(bias.dtype)
+    return dq, dk, dv, dbias
