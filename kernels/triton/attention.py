@@ -153,6 +153,18 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One key tile of the online softmax: the tile's probabilities against the new row max, the
+    factor that rescales the running sums, the new max and the new row sum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible so far keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.constexpr):
     """Key indices of the tile starting at ``start`` and which of them are real: list entries
     (LIST and PREFIX; positions at or beyond ``limit`` and padding read as the sentinel K) or the
@@ -244,12 +256,7 @@ def dma_fwd_kernel(
         s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
                        death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
                        PATH, SOFTCAP, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible so far keeps m = -inf; shift by 0 so exp gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
         v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
@@ -484,11 +491,7 @@ def dma_fwd_split_kernel(
             braw = tl.load(bias_rows[:, None] + offs_n[None, :] * sbn, mask=vis, other=0.0)
             s = s + braw.to(tl.float32)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
         v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
