@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Optional
+from unittest import mock
 
 import pytest
 import torch
 
 import dmattn
-from dmattn import reference
+from dmattn import ops, reference
 from dmattn.backends import BACKENDS
+from dmattn.problem import make_problem
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -132,6 +134,39 @@ def reference_fn(case: Case, dtype):
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return reference.attention(cast(q), cast(k), cast(v), cast(bias), mask, **call_options(case))
     return fn
+
+
+def refused(name: str, case: Case, inputs, **extra) -> bool:
+    """Whether backend ``name`` declares reasons against this call (``BACKENDS[name].reasons`` of the
+    Problem that ``make_problem`` builds from the inputs, the case's options and ``extra``).
+
+    When it does, this checks that it declines honestly: ``dma_attention(..., backend=name)`` raises
+    the dispatcher's ValueError, naming the backend and every one of those reasons, and no op runs.
+    The caller then has nothing to compute; when it does not, the caller must check the result."""
+    q, k, v, bias, mask = inputs
+    options = {**call_options(case), **extra}
+    why = BACKENDS[name].reasons(make_problem(q, k, v, bias, mask, **options))
+    if not why:
+        return False
+    ran = AssertionError(f"backend {name!r} declined the call but an op ran: {why}")
+    with mock.patch.object(ops, "attention_op", side_effect=ran), pytest.raises(ValueError) as info:
+        dmattn.dma_attention(q, k, v, bias, mask, backend=name, **options)
+    assert_declined(name, why, info.value)
+    return True
+
+
+def assert_declined(name: str, why: list[str], error: BaseException) -> None:
+    """``error`` is the dispatcher's refusal of backend ``name`` and carries every reason in ``why``."""
+    text = str(error)
+    assert text.startswith(f"backend {name!r} cannot run this call"), text
+    for reason in why:
+        assert reason in text, f"reason {reason!r} missing from {text!r}"
+
+
+def first_dtype(name: str) -> torch.dtype:
+    """The dtype a single-precision test runs a backend in: float32 where it has it, else the first
+    of ``dtypes_for`` (judged by ``assert_close_to_reference`` at that precision)."""
+    return dtypes_for(name)[0]
 
 
 def backend_fn(case: Case, name: str, **extra):

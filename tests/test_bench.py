@@ -52,6 +52,21 @@ def test_filters_and_user_shape(tmp_path):
     assert all(r["status"] == "ok" for r in report["results"])
 
 
+def test_declining_backend_is_skipped_with_its_reasons(monkeypatch):
+    """A registered backend that declines a workload is a "skipped" row carrying its reasons."""
+    from dmattn.backends import BACKENDS
+    from dmattn.backends.reference import ReferenceBackend
+
+    class Fp16Only(ReferenceBackend):
+        name = "fp16only"
+        dtypes = frozenset({torch.float16})
+
+    monkeypatch.setitem(BACKENDS, "fp16only", Fp16Only())
+    wl = bench.smoke_workloads()[0].small()
+    with pytest.raises(bench.Skip, match="declined: dtype bfloat16 not supported \\(supports float16\\)"):
+        bench.build_dmattn(bench.make_inputs(wl, CPU), wl, False, "fp16only")
+
+
 def test_parse_shape():
     wl = bench.parse_shape("Q=4096,K=4096,H=16,H_kv=4,D=128,window=512,causal=1,scope=global,B=1")
     assert (wl.Q, wl.K, wl.H, wl.H_kv, wl.D, wl.window, wl.causal, wl.scope, wl.B) == \

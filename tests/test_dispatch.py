@@ -11,6 +11,7 @@ import torch
 import dmattn
 from dmattn import dispatch
 from dmattn.backends import BACKENDS
+from dmattn.backends.base import ALL_FEATURES
 
 
 def _args(device="cpu"):
@@ -20,6 +21,8 @@ def _args(device="cpu"):
 
 def test_registry_order_and_reference_is_by_name_only():
     assert dmattn.backends()[-1] == "reference"
+    # Fastest first: the CUDA kernels are slower than Triton's today (docs/performance.md).
+    assert dmattn.backends().index("triton") < dmattn.backends().index("cuda")
     assert not BACKENDS["reference"].auto_devices
     assert "cpu" in BACKENDS["cpu"].auto_devices
 
@@ -74,3 +77,41 @@ def test_module_report_runs():
     assert "dmattn" in out and "backends" in out
     for name in BACKENDS:
         assert name in out
+
+
+def test_cuda_declarations():
+    from dmattn import cuda_ext
+    b = BACKENDS["cuda"]
+    assert b.device_types == {"cuda"} and b.auto_devices == {"cuda"}
+    assert b.dtypes == {torch.float16, torch.bfloat16}
+    assert b.min_capability == (8, 0) and b.deterministic
+    assert b.features == ALL_FEATURES - {"window_per_query"}
+    built = cuda_ext.has_forward() and cuda_ext.has_backward()
+    assert bool(b.head_dims) == built
+    if not built:
+        assert b.load_error() is not None and not set(b.head_dims)
+    # Unavailable here, the one reason says why (a problem on any device gets only that reason).
+    if b.load_error() is not None:
+        assert b.reasons(dispatch_problem()) == [f"not available: {b.load_error()}"]
+
+
+@pytest.mark.parametrize("Q,scope,causal,declined", [
+    (8, "visible", True, True), (8, "global", True, False), (8, "visible", False, False),
+    (1, "visible", True, False),
+])
+def test_cuda_declines_the_visible_prefix_path(Q, scope, causal, declined):
+    """The CUDA backend has no kernel for the visible scope with causality and Q > 1 (each query's
+    own top-w of its prefix); the reason points to the backend that has one."""
+    from dmattn.problem import make_problem
+    q = torch.randn(1, Q, 4, 32)
+    k = torch.randn(1, 8, 2, 32)
+    p = make_problem(q, k, k, torch.randn(1, 2, 1, 8), window=4, topk_scope=scope, is_causal=causal)
+    why = BACKENDS["cuda"].extra_reasons(p)
+    assert bool(why) == declined
+    if declined:
+        assert "triton" in why[0] and "visible" in why[0]
+    if Q == 1:
+        return
+    # Per-query bias: the declared feature says it, not a second reason.
+    p4 = make_problem(q, k, k, torch.randn(1, 2, Q, 8), window=4, topk_scope=scope, is_causal=causal)
+    assert "window_per_query" in p4.features and BACKENDS["cuda"].extra_reasons(p4) == []

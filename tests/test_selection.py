@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import dmattn
-from dmattn import reference
-from cases import backend_params, device_for
+from dmattn import api, reference
+from dmattn.backends import BACKENDS
+from cases import assert_declined, backend_params, device_for
 
 
 def brute_visible(bias, mask, B, H, Q, K, window, scope, causal):
@@ -87,6 +88,19 @@ def test_reference_properties():
     assert torch.equal(vis.sum(-1)[0, 0], torch.clamp(prefix, max=7))
 
 
+def selection_refused(backend, call, bias, mask, query_len, **options) -> bool:
+    """Whether ``backend`` declares reasons against this selection call (the Problem the helpers
+    build: sizes from bias/mask, float32 stand-ins of head dim 1 for q/k/v); if so, checks that
+    ``call()`` raises the dispatcher's ValueError naming every reason."""
+    why = BACKENDS[backend].reasons(api._selection_problem(bias, mask, query_len, **options))
+    if not why:
+        return False
+    with pytest.raises(ValueError) as info:
+        call()
+    assert_declined(backend, why, info.value)
+    return True
+
+
 @pytest.mark.parametrize("backend", backend_params(include_reference=True))
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("sel", SEL_CASES, ids=str)
@@ -97,8 +111,11 @@ def test_topk_mask_matches_reference(backend, sel, bias_dtype):
     bias = _bias(bshape, ties=False, dtype=bias_dtype).to(device)
     mask = None if mshape is None else (torch.rand(mshape, generator=torch.Generator().manual_seed(3)) < 0.7).to(device)
     for causal, scope in itertools.product([False, True], ["visible", "global"]):
-        got = dmattn.topk_mask(bias, window, mask, is_causal=causal, topk_scope=scope, query_len=Q,
-                               backend=backend)
+        call = lambda: dmattn.topk_mask(bias, window, mask, is_causal=causal, topk_scope=scope,  # noqa: E731
+                                        query_len=Q, backend=backend)
+        if selection_refused(backend, call, bias, mask, Q, window=window, topk_scope=scope, is_causal=causal):
+            continue
+        got = call()
         Hs = max(bshape[1], 1 if mshape is None else mshape[1])
         Bs = max(bshape[0], 1 if mshape is None else mshape[0])
         want = reference.visible_mask(bias.cpu(), None if mask is None else mask.cpu(), B=Bs, H=Hs, Q=Q, K=K,
@@ -113,7 +130,10 @@ def test_topk_indices_matches_reference(backend, sel):
     device = device_for(backend)
     bias = _bias(bshape, ties=True).to(device)
     mask = None if mshape is None else (torch.rand(mshape, generator=torch.Generator().manual_seed(3)) < 0.5).to(device)
-    got = dmattn.topk_indices(bias, window, mask, backend=backend).cpu()
+    call = lambda: dmattn.topk_indices(bias, window, mask, backend=backend)  # noqa: E731
+    if selection_refused(backend, call, bias, mask, None, window=window, topk_scope="global", is_causal=False):
+        return
+    got = call().cpu()
     want = reference.topk_indices(bias.cpu(), window, None if mask is None else mask.cpu())
     assert got.dtype == torch.int64 and torch.equal(got, want)
 

@@ -1,8 +1,8 @@
 """The compiled CUDA module ``dmattn._cuda``, when it was built and imports: build information, an
 exact one-thread-per-row ``topk_indices`` on CUDA tensors (compiled from the selection header shared
 with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), and the CuTe
-attention forward (``forward``) and backward (``backward``), tested directly until they are
-registered as the ``cuda`` backend."""
+attention forward (``forward``) and backward (``backward``) that the ``cuda`` backend
+(``backends/cuda.py``) runs, also tested directly."""
 
 from __future__ import annotations
 

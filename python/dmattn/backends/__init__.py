@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from .base import Backend
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 _REGISTRY: tuple[Backend, ...] = (
     TritonBackend(),
+    CudaBackend(),
     CpuBackend(),
     ReferenceBackend(),
 )

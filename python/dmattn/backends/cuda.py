@@ -1,0 +1,122 @@
+"""The CUDA backend (module ``dmattn._cuda``, through ``dmattn.cuda_ext``): CuTe kernels for sm_80+,
+float16/bfloat16, the head dims the module was compiled for.
+
+Two key-visiting paths. LIST: a window over a bias and mask shared by every query, with global
+scope (or a selection that equals it: no causality, or a single query); the Triton backend's radix
+select builds the sorted key lists (``cuda_ext.list_selection``, the mask folded into them) and the
+kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
+every key); bias and mask are tested per element. The visible scope with causality and Q > 1, and a
+window over a per-query bias or mask, have no CUDA path: the Triton backend computes them.
+
+Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.51 ms on H200), so
+``backend="auto"`` picks it only when Triton declines; ``backend="cuda"`` runs it by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import cuda_ext
+from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output
+from .triton import TritonBackend
+
+_TRITON = TritonBackend()
+
+
+def _load_error():
+    if not cuda_ext.available():
+        return cuda_ext.LOAD_ERROR
+    if not (cuda_ext.has_forward() and cuda_ext.has_backward()):
+        return "dmattn._cuda was built without the attention forward and backward"
+    triton_error = _TRITON.load_error()
+    if triton_error is not None:
+        return f"its LIST selection runs the Triton selection code, which is unavailable: {triton_error}"
+    return None
+
+
+def _head_dims() -> frozenset[int]:
+    """Head dims both kernels were compiled for (``DMATTN_CUDA_HEADDIMS``), from the module itself."""
+    if not (cuda_ext.has_forward() and cuda_ext.has_backward()):
+        return frozenset()
+    info = cuda_ext.info()
+    parse = lambda key: {int(x) for x in str(info.get(key, "")).replace(",", " ").split()}  # noqa: E731
+    return frozenset(parse("fwd_head_dims") & parse("bwd_head_dims"))
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = frozenset({"cuda"})
+    auto_devices = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16})
+    head_dims = _head_dims()
+    min_capability = (8, 0)
+    # No atomics in the forward or the backward (dk/dv/dbias partials are reduced in fixed order).
+    deterministic = True
+    features = ALL_FEATURES - {"window_per_query"}
+
+    _load_error_text = _load_error()
+
+    def load_error(self):
+        return self._load_error_text
+
+    def extra_reasons(self, problem):
+        p = problem
+        if (p.effective_window is not None and p.topk_scope == "visible" and p.is_causal and p.Q > 1
+                and p.query_broadcast):
+            return ["does not implement the visible top-k scope with is_causal and Q > 1 (the triton "
+                    "backend implements it)"]
+        return []
+
+    def _keys(self, problem, bias, mask):
+        """``(idx, counts, kernel_mask)``: LIST metadata (the mask folded into the lists) for a
+        windowed call, else DENSE (no metadata, the mask tested per element)."""
+        p = problem
+        if p.effective_window is None:
+            return None, None, mask
+        meta = cuda_ext.list_selection(bias, mask, window=p.effective_window, Q=p.Q, head_dim=p.D,
+                                       is_causal=p.is_causal)
+        if meta is None:
+            # reasons() declines every windowed call that has no LIST path, so this is a bug there.
+            raise RuntimeError(f"cuda backend: no LIST selection for an accepted problem {p}")
+        idx, counts = meta
+        return idx, counts, None
+
+    def forward(self, problem, q, k, v, bias, mask):
+        p = problem
+        out, lse = forward_outputs(p, q)
+        with torch.cuda.device(q.device):
+            idx, counts, kernel_mask = self._keys(p, bias, mask)
+            cuda_ext.forward(q, k, v, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
+                             is_causal=p.is_causal, idx=idx, counts=counts, out=out, lse=lse)
+        return out, lse
+
+    def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
+        p = problem
+        dq, dk, dv, dbias = gradient_outputs((q, k, v, bias), needs)
+        need_dkdv = dk is not None or dv is not None
+        # The dk/dv kernel writes both: the one nobody asked for goes to a scratch buffer.
+        dk_buf = dk if dk is not None or not need_dkdv else new_output(k.shape, k.dtype, k.device)
+        dv_buf = dv if dv is not None or not need_dkdv else new_output(v.shape, v.dtype, v.device)
+        with torch.cuda.device(q.device):
+            idx, _, kernel_mask = self._keys(p, bias, mask)
+            got_dq, got_dk, got_dv, got_dbias = cuda_ext.backward(
+                dout, q, k, v, out, lse, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
+                is_causal=p.is_causal, idx=idx, need_dq=dq is not None, need_dkdv=need_dkdv,
+                need_dbias=dbias is not None, dq=dq, dk=dk_buf, dv=dv_buf)
+            if dbias is not None:
+                dbias.copy_(got_dbias)
+        return (got_dq, got_dk if dk is not None else None, got_dv if dv is not None else None, dbias)
+
+    def select(self, problem, bias, mask):
+        p = problem
+        if p.effective_window is None:
+            return None
+        with torch.cuda.device(bias.device):
+            return cuda_ext.list_selection(bias, mask, window=p.effective_window, Q=p.Q, head_dim=p.D,
+                                           is_causal=p.is_causal)
+
+    def visible_mask(self, problem, bias, mask):
+        return _TRITON.visible_mask(problem, bias, mask)
+
+    def topk_indices(self, bias, mask, window):
+        return _TRITON.topk_indices(bias, mask, window)
