@@ -16,6 +16,8 @@ from dmattn.backends import BACKENDS
 from dmattn.problem import make_problem
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Where the Triton selection kernels can be called directly: CPU tensors only under the interpreter.
+SELECTION_DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def device_for(name: str) -> Optional[str]:

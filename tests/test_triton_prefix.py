@@ -5,16 +5,14 @@ the dk/dv key order. Triton kernels: CPU tensors under the interpreter, CUDA ten
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
+from cases import SELECTION_DEVICES
 from dmattn.kernels.triton import prefix
 
-# CPU tensors reach the Triton kernels of the selection only under the interpreter.
-DEVICES = ((["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-           + (["cuda"] if torch.cuda.is_available() else []))
+DEVICES = SELECTION_DEVICES
 
 
 def brute_death(values: torch.Tensor, allowed, window: int) -> torch.Tensor:

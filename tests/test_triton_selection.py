@@ -5,17 +5,15 @@ list prefixes, and the choice of path. Plain torch code: runs without the interp
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
+from cases import SELECTION_DEVICES
 from dmattn import reference
 from dmattn.kernels.triton import selection as sel
 
-# CPU tensors reach the Triton kernels of the selection only under the interpreter.
-DEVICES = ((["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-           + (["cuda"] if torch.cuda.is_available() else []))
+DEVICES = SELECTION_DEVICES
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 

@@ -8,18 +8,17 @@ tensors when a GPU is present."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import dmattn
+from cases import SELECTION_DEVICES
 from dmattn import reference
 from dmattn.kernels.triton import selection as sel
 from dmattn.kernels.triton import topk
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = SELECTION_DEVICES
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 _POISON = -7  # never an index nor the sentinel
 

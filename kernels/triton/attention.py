@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import topk
 from .prefix import alive_order, block_lists
 from .selection import LIST, PREFIX, THRESHOLD, block_counts, make_selection
 
@@ -652,7 +653,6 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
 
 # The split (decode) forward takes a kv head's GROUP * Q rows as one tile up to this many rows.
 _SPLIT_ROWS = 64
-_SM_COUNT: dict = {}
 
 
 def _split_count(dev: torch.device, tiles: int, programs: int) -> int:
@@ -660,9 +660,7 @@ def _split_count(dev: torch.device, tiles: int, programs: int) -> int:
     Under the interpreter a fixed 3, so the tests cover the merge of uneven splits."""
     if dev.type != "cuda":
         return max(1, min(3, tiles))
-    if dev not in _SM_COUNT:
-        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return max(1, min(tiles, 2 * _SM_COUNT[dev] // programs))
+    return max(1, min(tiles, 2 * topk._sm_count(dev.index) // programs))
 
 
 def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:

@@ -145,6 +145,15 @@ def selected_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int
     return out.scatter_(-1, slot, torch.where(keep, j, K))[..., :W].contiguous()
 
 
+def broadcast_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_s: int, H_s: int):
+    """The LIST selection of a query-broadcast bias and mask: int32 (B_s, H_s, min(window, K)),
+    ascending, padded with K. The Triton radix select (topk.py) computes exactly what
+    ``selected_lists`` does; float64 biases take the torch ops."""
+    if topk.supported(bias):
+        return topk.select_lists(bias, mask, window, B_s, H_s)
+    return selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
+
+
 def thresholds(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_s: int, H_s: int, Q: int,
                causal_candidates: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (b_s, h_s, query i): (tv, ti) of the THRESHOLD path. Candidates are the allowed keys,
@@ -174,12 +183,7 @@ def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: 
         return Selection(DENSE)
     B_s, H_s = rows if rows is not None else selection_rows(bias, mask)
     if path == LIST:
-        # The Triton radix select (topk.py) computes exactly these lists; float64 takes torch ops.
-        if topk.supported(bias):
-            idx = topk.select_lists(bias, mask, window, B_s, H_s)
-        else:
-            idx = selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
-        return Selection(LIST, B_s, H_s, idx=idx)
+        return Selection(LIST, B_s, H_s, idx=broadcast_lists(bias, mask, window, B_s, H_s))
     if path == PREFIX:
         values = _rows(bias, B_s, H_s, 0, 1).reshape(B_s * H_s, K)
         allowed = None if mask is None else _rows(mask, B_s, H_s, 0, 1).reshape(B_s * H_s, K)

@@ -18,10 +18,9 @@ from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, plai
 try:
     from ..kernels.triton import attention as _attention
     from ..kernels.triton import selection as _selection
-    from ..kernels.triton import topk as _topk
     _LOAD_ERROR = None
 except ImportError as exc:  # keep the text: `python -m dmattn` and dispatch errors show it
-    _attention = _selection = _topk = None
+    _attention = _selection = None
     _LOAD_ERROR = f"triton kernels did not import ({exc})"
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -66,9 +65,9 @@ class TritonBackend(Backend):
 
     def topk_indices(self, bias, mask, window):
         bias, mask = plain(bias, mask)
-        if all(t is None or t.shape[2] == 1 for t in (bias, mask)) and _topk.supported(bias):
-            B_s, H_s = _selection.selection_rows(bias, mask)
-            idx = _topk.select_lists(bias, mask, window, B_s, H_s).unsqueeze(2).long()
+        if all(t is None or t.shape[2] == 1 for t in (bias, mask)):
+            idx = _selection.broadcast_lists(bias, mask, window, *_selection.selection_rows(bias, mask))
+            idx = idx.unsqueeze(2).long()
         else:
             idx = _selection.selected_lists(bias, mask, window).long()
         return idx.masked_fill_(idx == bias.shape[-1], -1)
