@@ -62,15 +62,18 @@ def test_block_lists_and_order(device):
         values = torch.randn(2, K, generator=g)
         death = prefix.death_positions(values.to(device), None, w)
         idx, cnt = prefix.block_lists(death, Q, w, bm)
-        assert idx.shape == (2, -(-Q // bm), min(K, w + bm))
+        assert idx.shape == (2, -(-Q // bm), min(K, w + bm)) and cnt.shape == (2, idx.shape[1], 2)
         j = torch.arange(K)
         d = death.cpu()
         for r, b in itertools.product(range(2), range(idx.shape[1])):
             c_lo = b * bm + K - Q
             c_hi = min(b * bm + bm, Q) - 1 + K - Q
-            want = j[(j <= c_hi) & (d[r] > j) & (d[r] > c_lo)]
-            n = int(cnt[r, b])
-            assert n <= w + bm and torch.equal(idx[r, b, :n].cpu().long(), want), (Q, K, w, bm, r, b)
+            alive = (j <= c_hi) & (d[r] > j) & (d[r] > c_lo)
+            whole = alive & (j <= c_lo) & (d[r] > c_hi)  # seen by every query of the block
+            n, n_full = (int(x) for x in cnt[r, b])
+            got = idx[r, b, :n].cpu().long()
+            assert n <= w + bm and n_full == int(whole.sum()), (Q, K, w, bm, r, b)
+            assert torch.equal(got[:n_full], j[whole]) and torch.equal(got[n_full:], j[alive & ~whole])
         order, alive = prefix.alive_order(death)
         for r in range(2):
             n = int(alive[r])

@@ -52,6 +52,11 @@ _THRESHOLD = tl.constexpr(THRESHOLD)
 _PREFIX = tl.constexpr(PREFIX)
 
 
+# Query blocks (forward, dq) and key tiles (dk/dv) run along the grid's y axis, which CUDA limits to
+# 65535 programs; the smallest tiles are 32 rows.
+MAX_SEQ_LEN = 65535 * 32
+
+
 def _head_block(D: int) -> int:
     """tl.dot needs at least 16 along each dimension: D is padded to a power of two >= 16 and the
     tail is masked on every load and store."""
@@ -67,12 +72,16 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
     small shapes.
     CUDA: 256-byte rows (D = 128 in bf16/fp16) were swept on an H200 (T32k, global scope, list
     path; benchmarks/results/triton-sweep-h200-2026-11-28.log): forward 128 x 32 with 4 warps and 2
-    stages took 2.89 ms against 3.62 ms for 128 x 64 and 4.7 ms for the earlier 128 x 64 / 8 warps
-    (the gathered key tile is loaded row by row, so narrower key tiles pipeline better); backward
+    stages took 2.89 ms against 3.62 ms for 128 x 64 and 4.7 ms for the earlier 128 x 64 / 8 warps.
+    Once most tiles skipped the causal test (FULL tiles) the sweep was repeated
+    (.../triton-sweep2-h200-2026-11-28.json, end to end from the bias): 128 x 64, 4 warps, 2 stages
+    took 1.964 ms at T32k and 0.390 ms at T8k, against 1.959 / 0.428 for 128 x 32 and 2.27 / 0.50
+    for 128 x 128 with 8 warps; 8 warps or more stages were slower everywhere. Backward
     128 x 64 with 8 warps and 2 stages gave fwd+bwd 15.6 ms against 18.2 ms for 64 x 64 / 4 warps.
     A second sweep tuned dq and dk/dv apart (.../triton-bwd-sweep-h200-2026-11-28.json): dq 128 x 32
     with 4 warps gave fwd+bwd 14.1 ms against 14.9 for 128 x 64 / 8 warps; dk/dv kept 128 x 64 / 8
-    warps (14.9 ms; 32..128 x 64..128 with 4 or 8 warps all took 17.8 to 45 ms).
+    warps (14.9 ms; 32..128 x 64..128 with 4 or 8 warps all took 17.8 to 45 ms); after the FULL
+    tiles, the backward alone took 8.66 ms with these choices, 8.79 to 27 ms with the others.
     Other row sizes are unswept starting points: 128-byte rows keep the FlashAttention-2 128 x 64
     forward, 512-byte rows (D = 256, or D = 128 in fp32) halve the tiles to fit shared memory."""
     if INTERPRETED:
@@ -82,7 +91,7 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
         if bytes_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         if bytes_d <= 256:
-            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bytes_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -111,33 +120,49 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+# Scores are kept in base-2 units (natural score * log2(e)) so every softmax exponential is a bare
+# exp2: the log2(e) factor folds into the score scale instead of costing a multiply per element in
+# each exp. lse stays natural (converted once per row).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death,
             off, scale, softcap,
             IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
-            SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of a [BLOCK_M, BLOCK_N] tile, -inf where the key is not visible to the query, and
-    tanh of the capped scores (for the softcap chain rule; 0 without softcap). ``death``
-    [BLOCK_N]: the keys' death positions on the PREFIX path (ignored elsewhere)."""
-    s = _dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_M, BLOCK_N]
+            SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile in base-2 units, -inf where the key is not visible to
+    the query, and tanh of the capped scores (for the softcap chain rule; 0 without softcap).
+    ``death`` [BLOCK_N]: the keys' death positions on the PREFIX path (ignored elsewhere).
+
+    FULL: the caller guarantees every key of the tile is real and visible by position (causality,
+    and on the PREFIX path alive) to every query of the block, so none of those is tested, nor the
+    row bounds (rows beyond Q are never stored and their P is 0 in the backward). The tests that do
+    not follow from position (threshold, a per-query mask) still apply; without them the tile
+    needs no select at all, which is most tiles of a causal call."""
+    qk = _dot(q, tl.trans(k), UPCAST)  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
-        t = _tanh(s / softcap)
-        s = softcap * t
+        t = _tanh(qk * (scale / softcap))
+        s = t * (softcap * LOG2E)
     else:
-        t = s * 0.0
+        t = qk * 0.0
+        s = qk * (scale * LOG2E)
     vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
-    if IS_CAUSAL:
+    if IS_CAUSAL and not FULL:
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-    if PATH == _PREFIX:
+    if PATH == _PREFIX and not FULL:
         vis = vis & (death[None, :] > offs_m[:, None] + off)
     if HAS_BIAS:
         if BIAS_PER_QUERY:
             braw = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                            mask=vis, other=0.0)  # [BLOCK_M, BLOCK_N]
+        elif FULL:
+            braw = tl.load(bias_base + offs_n * sbn)[None, :]  # [1, BLOCK_N]
         else:
             braw = tl.load(bias_base + offs_n * sbn, mask=n_ok, other=0.0)[None, :]  # [1, BLOCK_N]
-        s = s + braw.to(tl.float32)
+        s = s + braw.to(tl.float32) * LOG2E
         if PATH == _THRESHOLD:
             # The selection compares bias values as given, in float32 (float64 for a float64 bias).
             bc = braw.to(tv.dtype)
@@ -149,19 +174,20 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
         else:
             allowed = tl.load(mask_base + offs_n * smn, mask=n_ok, other=0)[None, :]
         vis = vis & (allowed != 0)
-    s = tl.where(vis, s, float("-inf"))
+    if (not FULL) or PATH == _THRESHOLD or (HAS_MASK and PATH != _LIST and PATH != _PREFIX):
+        s = tl.where(vis, s, float("-inf"))
     return s, t
 
 
 @triton.jit
 def _online_softmax(s, m_i, l_i):
-    """One key tile of the online softmax: the tile's probabilities against the new row max, the
-    factor that rescales the running sums, the new max and the new row sum."""
+    """One key tile of the online softmax over base-2 scores: the tile's probabilities against the
+    new row max, the factor that rescales the running sums, the new max and the new row sum."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible so far keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+    # A row with nothing visible so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_use[:, None])
-    alpha = tl.exp(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
@@ -192,11 +218,13 @@ def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
 
 @triton.jit
 def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
-                      PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
     zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
-    block can see at all, and where its list starts in Idx (the row's list of W entries for LIST,
-    the block's own list of W entries for PREFIX)."""
+    block can see at all, ``full``, a multiple of BLOCK_N up to which every entry is a real key
+    that every query of the block sees by position (tiles below it take the FULL path of
+    ``_scores``), and where its list starts in Idx (the row's list of W entries for LIST, the
+    block's own list of W entries for PREFIX)."""
     tv = tl.zeros([BLOCK_M], dtype=tl.float32)
     ti = tl.zeros([BLOCK_M], dtype=tl.int32)
     if PATH == _THRESHOLD:
@@ -204,14 +232,60 @@ def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
         ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
     idx_row = row * W
     if PATH == _PREFIX:
+        # The block's own list, which starts with the keys all its queries see (prefix.block_lists).
         idx_row = (row * NBLK + pid_m) * W
-    if PATH == _LIST or PATH == _PREFIX:
+        limit = tl.load(Cnt + (row * NBLK + pid_m) * 2)
+        full = tl.load(Cnt + (row * NBLK + pid_m) * 2 + 1)
+    elif PATH == _LIST:
         limit = tl.load(Cnt + row * NBLK + pid_m)
+        if IS_CAUSAL:
+            # The previous block's count: entries <= the causal limit of this block's first query - 1.
+            full = tl.load(Cnt + row * NBLK + pid_m - 1, mask=pid_m > 0, other=0)
+        else:
+            full = limit
     elif IS_CAUSAL:
         limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
+        full = tl.minimum(tl.maximum(pid_m * BLOCK_M + off + 1, 0), limit)
     else:
         limit = K
-    return tv, ti, limit, idx_row
+        full = limit
+    full = full // BLOCK_N * BLOCK_N
+    return tv, ti, limit, full, idx_row
+
+
+@triton.jit
+def _kv_rows(base, offs_n, stride_n, n_ok, offs_d, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+             FULL: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of key or value rows ``offs_n``; on FULL tiles every row is real,
+    so only a padded head dim needs a mask."""
+    ptrs = base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d
+    if FULL and D == BLOCK_D:
+        x = tl.load(ptrs)
+    elif FULL:
+        x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn, svd,
+              offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K, scale, softcap,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+              HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+    """The forward's step over the key tile at list position (or key) ``start``."""
+    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    death = _death(Dth, row, K, offs_n, n_ok, PATH)
+    k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                   death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                   PATH, SOFTCAP, UPCAST, FULL)
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
+    v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=_SIZES + ("NBLK",))
@@ -226,8 +300,11 @@ def dma_fwd_kernel(
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (B * H, query blocks), the last block first: blocks are issued in launch order, and the
+    # causally later blocks hold the most keys, so the heaviest run first and the small ones fill
+    # the tail.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     g = (h // GROUP).to(tl.int64)
@@ -235,6 +312,8 @@ def dma_fwd_kernel(
     row = (b * SEL_B + h * H_S // H).to(tl.int64)  # selection row of (b, h)
     bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
     mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+    k_base = Kp + b * skb + g * skh
+    v_base = Vp + b * svb + g * svh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
@@ -242,33 +321,56 @@ def dma_fwd_kernel(
     d_ok = offs_d < D
     q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    tv, ti, limit, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
-                                               BLOCK_M, PATH, IS_CAUSAL)
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+                                                     BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, limit, BLOCK_N):
-        offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
-        death = _death(Dth, row, K, offs_n, n_ok, PATH)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                       death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
-                       PATH, SOFTCAP, UPCAST)
-        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
-        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
+    # Tiles every query of the block sees in full first, then the tested rest (the causal edge).
+    for start in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
+                                  v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
+                                  tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
+    for start in range(full, limit, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
+                                  v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
+                                  tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(Out + b * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * som + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn, svd,
+             ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K, scale,
+             softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+             HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+             SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DS: tl.constexpr, FULL: tl.constexpr):
+    """The dq kernel's step over the key tile at list position (or key) ``start``; ``lse2`` is the
+    rows' lse in base 2 (+inf for empty rows)."""
+    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    death = _death(Dth, row, K, offs_n, n_ok, PATH)
+    k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                   death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                   PATH, SOFTCAP, UPCAST, FULL)
+    p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+    dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    if WRITE_DS:
+        tl.store(ds_base + offs_m[:, None].to(tl.int64) * K + offs_n[None, :], ds, mask=m_ok[:, None] & n_ok[None, :])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + _dot(ds.to(k.dtype), k, UPCAST)
 
 
 @triton.jit(do_not_specialize=_SIZES + ("NBLK",))
@@ -285,8 +387,11 @@ def dma_bwd_dq_kernel(
 ):
     """dq of one query block; with WRITE_DS also dS per element into the float32 (B, H, Q, K)
     buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (B * H, query blocks), the last block first: blocks are issued in launch order, and the
+    # causally later blocks hold the most keys, so the heaviest run first and the small ones fill
+    # the tail.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     g = (h // GROUP).to(tl.int64)
@@ -307,35 +412,66 @@ def dma_bwd_dq_kernel(
     lse = tl.load(Lse + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=float("-inf"))
     # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse = lse * LOG2E  # base-2, like the scores
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
-    tv, ti, limit, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
-                                               BLOCK_M, PATH, IS_CAUSAL)
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+                                                     BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
+    k_base = Kp + b * skb + g * skh
+    v_base = Vp + b * svb + g * svh
+    ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, limit, BLOCK_N):
-        offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
-        death = _death(Dth, row, K, offs_n, n_ok, PATH)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                       death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
-                       PATH, SOFTCAP, UPCAST)
-        p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
-        dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        if WRITE_DS:
-            tl.store(DS + pid_bh.to(tl.int64) * Q * K + offs_m[:, None].to(tl.int64) * K + offs_n[None, :], ds,
-                     mask=m_ok[:, None] & n_ok[None, :])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    for start in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
+                      svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
+                      scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
+                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, True)
+    for start in range(full, limit, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
+                      svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
+                      scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
+                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, False)
     if WRITE_DQ:
         # DQ is contiguous (B, Q, H, D).
         tl.store(DQ + ((b * Q + offs_m[:, None].to(tl.int64)) * H + h) * D + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta, bh, TV, TI, row,
+               offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base, smm, smn, Q, off, scale, softcap,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+               HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
+               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+    """The dk/dv kernel's step over the query block at ``start_m`` for one query head."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_ok = offs_m < Q
+    qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_base + rows * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(do_base + rows * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(Lse + bh * Q + offs_m, mask=m_ok, other=float("-inf"))
+    # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(Delta + bh * Q + offs_m, mask=m_ok, other=0.0)
+    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if PATH == _THRESHOLD:
+        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
+        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+    s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                   death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
+                   PATH, SOFTCAP, UPCAST, FULL)
+    p = tl.exp2(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
+    dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+    dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    db += tl.sum(ds, 0)
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+    return dk, dv, db
 
 
 @triton.jit(do_not_specialize=_SIZES + ("N_HEADS", "H_OUT"))
@@ -355,8 +491,10 @@ def dma_bwd_dkdv_kernel(
     with N_HEADS = GROUP it owns kv head g outright and writes DK/DV (B, K, H_OUT = H_kv, D); with
     N_HEADS = 1 (LIST path with one list per query head) it writes float32 per-head partials
     (B, K, H_OUT = H, D) that the host sums over the group."""
-    pid_n = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    # Grid (programs per tile, key tiles): every head's tile 0, which under causality meets the
+    # most query blocks, is issued first.
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
     n_progs_b = H // N_HEADS
     b = (pid_p // n_progs_b).to(tl.int64)
     h0 = (pid_p % n_progs_b) * N_HEADS
@@ -395,6 +533,19 @@ def dma_bwd_dkdv_kernel(
     m_hi = Q
     if PATH == _PREFIX:
         m_hi = tl.minimum(tl.maximum(tl.max(tl.where(n_ok, death, 0)) - off, 0), Q)
+    # Query blocks from m_full on see every key of the tile causally (FULL path of _scores): the
+    # block's first query is at or past the tile's last key. FULL reads the keys' bias unmasked, so
+    # a tile with padding (the list's or K's tail) takes the tested path throughout.
+    if IS_CAUSAL:
+        last = tl.max(tl.where(n_ok, offs_n, 0))
+        m_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_M) * BLOCK_M, m_lo), m_hi)
+    else:
+        m_full = m_lo
+    # The PREFIX path's keys die at different queries: its tiles are tested throughout too.
+    if PATH == _PREFIX:
+        m_full = tl.maximum(m_hi, m_lo)
+    else:
+        m_full = tl.where(tl.min(n_ok.to(tl.int32)) == 1, m_full, tl.maximum(m_hi, m_lo))
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -404,34 +555,19 @@ def dma_bwd_dkdv_kernel(
         bh = b * H + h
         bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
         mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+        q_base = Qp + b * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b * sdb + h.to(tl.int64) * sdh
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-            m_ok = offs_m < Q
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
-                        + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm
-                         + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-            lse = tl.load(Lse + bh * Q + offs_m, mask=m_ok, other=float("-inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(Delta + bh * Q + offs_m, mask=m_ok, other=0.0)
-            tv = tl.zeros([BLOCK_M], dtype=tl.float32)
-            ti = tl.zeros([BLOCK_M], dtype=tl.int32)
-            if PATH == _THRESHOLD:
-                tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
-                ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
-            s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
-                           death, off, scale, softcap, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY,
-                           PATH, SOFTCAP, UPCAST)
-            p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
-            dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
-            ds = p * (dp - delta[:, None])
-            db += tl.sum(ds, 0)
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+        for start_m in range(m_lo, m_full, BLOCK_M):
+            dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta, bh,
+                                    TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base, smm,
+                                    smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                    BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+        for start_m in range(m_full, m_hi, BLOCK_M):
+            dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta, bh,
+                                    TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base, smm,
+                                    smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                    BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
         if WRITE_DB:
             tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
     if WRITE_DKDV:
@@ -452,7 +588,7 @@ def dma_fwd_split_kernel(
     """Few queries (decode), LIST path: program (split s, batch b, kv head g) takes the GROUP * Q
     (query head, query) rows of kv head g as one tile (they share the list and every gathered key
     and value row) over list entries s*CHUNK .. +CHUNK-1, and writes the unnormalised partial
-    output, row max and row sum; ``dma_fwd_combine_kernel`` merges the splits. Spreading one list
+    output, row max (base 2) and row sum; ``dma_fwd_combine_kernel`` merges the splits. Spreading one list
     over many programs is what keeps a single query from running on a handful of SMs."""
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -482,15 +618,17 @@ def dma_fwd_split_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = _dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_M, BLOCK_N]
-        if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+        qk = _dot(q, tl.trans(k), UPCAST)  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:  # base-2 scores, as _scores
+            s = _tanh(qk * (scale / softcap)) * (softcap * LOG2E)
+        else:
+            s = qk * (scale * LOG2E)
         vis = r_ok[:, None] & n_ok[None, :]
         if IS_CAUSAL:
             vis = vis & (offs_n[None, :] <= i[:, None] + off)
         if HAS_BIAS:
             braw = tl.load(bias_rows[:, None] + offs_n[None, :] * sbn, mask=vis, other=0.0)
-            s = s + braw.to(tl.float32)
+            s = s + braw.to(tl.float32) * LOG2E
         s = tl.where(vis, s, float("-inf"))
         p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
         v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
@@ -516,12 +654,12 @@ def dma_fwd_combine_kernel(PartO, PartM, PartL, Out, Lse, ROWS, Q, H, GROUP, sob
     l = tl.load(PartL + sp * ROWS + x)
     m_all = tl.max(m, 0)
     m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-    wgt = tl.exp(m - m_use)  # [NSPLIT]
+    wgt = tl.exp2(m - m_use)  # [NSPLIT]; m is in base 2
     l_all = tl.sum(l * wgt, 0)
     acc = tl.sum(tl.load(PartO + (sp[:, None] * ROWS + x) * BLOCK_D + offs_d[None, :]) * wgt[:, None], 0)
     has_keys = l_all > 0.0
     out = acc / tl.where(has_keys, l_all, 1.0)  # [BLOCK_D]
-    lse = tl.where(has_keys, m_use + tl.log(tl.where(has_keys, l_all, 1.0)), float("-inf"))
+    lse = tl.where(has_keys, (m_use + tl.log2(tl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
     b = x // (H * Q)
     h = x // Q % H  # rows of one batch run over (g, head in group) = query head h, then query
     i = x % Q
@@ -609,16 +747,17 @@ class _Launch:
 
     def query_lists(self, block_m: int) -> dict:
         """The key lists the forward and dq kernels walk for query blocks of ``block_m``: Idx, Cnt
-        (per selection row and query block: list length), W (entries per list) and NBLK.
-        LIST: the row's list and the prefix each block can see; PREFIX: each block's alive keys;
-        placeholders on the other paths."""
+        (per selection row and query block), W (entries per list) and NBLK.
+        LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's alive
+        keys, and in Cnt their count and how many of them lead the list visible to the whole
+        block; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if sel.path == LIST:
             cnt = block_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
             return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
         if sel.path == PREFIX:
             idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
-            return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[-1])
+            return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1])
         return dict(Idx=self.ints, Cnt=self.ints, W=0, NBLK=1)
 
     def key_tiles(self) -> dict:
@@ -645,7 +784,7 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     lists = a.query_lists(bm)
-    grid = (triton.cdiv(p.Q, bm), p.B * p.H)
+    grid = (p.B * p.H, triton.cdiv(p.Q, bm))
     dma_fwd_kernel[grid](
         q, k, v, a.bias, a.mask, out, lse, lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death,
         *a.strides, *out.stride(), **a.sizes, **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
@@ -726,7 +865,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
         lists = a.query_lists(bm)
-        dma_bwd_dq_kernel[(triton.cdiv(p.Q, bm), p.B * p.H)](
+        dma_bwd_dq_kernel[(p.B * p.H, triton.cdiv(p.Q, bm))](
             q, k, v, a.bias, a.mask, dout, lse, delta, dq if dq is not None else delta, ds,
             lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes,
             **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
@@ -754,7 +893,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         # Every (b, h, key) of a contiguous tiling is written; a list leaves the other keys at 0.
         db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
         tiles, n_keys = a.key_tiles()
-        grid = (triton.cdiv(n_keys, bn), p.B * p.H // n_heads)
+        grid = (p.B * p.H // n_heads, triton.cdiv(n_keys, bn))
         dma_bwd_dkdv_kernel[grid](
             q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, tiles.pop("Idx"), tiles.pop("Cnt"),
             a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes, **tiles, N_HEADS=n_heads,

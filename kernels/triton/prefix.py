@@ -98,8 +98,10 @@ def prefix_death_kernel(X, Rank, T, NA, Death, K, W, NB, CHUNK: tl.constexpr, ST
 
 @triton.jit
 def prefix_lists_kernel(Death, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: tl.constexpr, TILE: tl.constexpr):
-    """Program (query block, row): the keys alive for at least one query of the block, ascending,
-    into Idx[row, block, :count] and their count into Cnt[row, block]."""
+    """Program (query block, row): the keys alive for at least one query of the block into
+    Idx[row, block, :count], in two ascending runs: first the keys every query of the block sees
+    (at or before its first query's causal position, dying after its last), then the rest; into
+    Cnt[row, block] the pair (count, length of the first run)."""
     blk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     off = K - Q
@@ -108,15 +110,25 @@ def prefix_lists_kernel(Death, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: tl.constexpr, 
     end = tl.maximum(tl.minimum(c_hi + 1, K), 0)
     out = Idx + (row * NBLK + blk) * LW
     n = tl.full([], 0, tl.int32)
-    for start in range(0, end, TILE):
+    for start in range(0, end, TILE):  # the keys alive for the whole block
         j = start + tl.arange(0, TILE)  # [TILE]
         ok = j < end
         d = tl.load(Death + row * K + j, mask=ok, other=0)
-        keep = ok & (d > j) & (d > c_lo)
+        keep = ok & (j <= c_lo) & (d > c_hi)
         slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, j, mask=keep)
         n += tl.sum(keep.to(tl.int32), 0)
-    tl.store(Cnt + row * NBLK + blk, n)
+    n_full = n
+    for start in range(0, end, TILE):  # the keys born or dying inside the block
+        j = start + tl.arange(0, TILE)  # [TILE]
+        ok = j < end
+        d = tl.load(Death + row * K + j, mask=ok, other=0)
+        keep = ok & (d > j) & (d > c_lo) & ((j > c_lo) | (d <= c_hi))
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        n += tl.sum(keep.to(tl.int32), 0)
+    tl.store(Cnt + (row * NBLK + blk) * 2, n)
+    tl.store(Cnt + (row * NBLK + blk) * 2 + 1, n_full)
 
 
 def death_positions(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
@@ -152,13 +164,16 @@ def death_positions(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
 
 
 def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, query block of ``block_m``): the alive keys ascending, int32 (rows, NBLK, LW) with
-    LW = min(K, window + block_m) (entries past the count are unset), and the counts (rows, NBLK)."""
+    """Per (row, query block of ``block_m``): the alive keys, int32 (rows, NBLK, LW) with
+    LW = min(K, window + block_m) (entries past the count are unset), as two ascending runs: the
+    keys every query of the block sees, then those born or dying inside it; and int32
+    (rows, NBLK, 2): the count and the first run's length. The attention kernels skip the
+    per-element visibility test on the first run."""
     rows, K = death.shape
     nblk = triton.cdiv(Q, block_m)
     lw = min(K, window + block_m)
     idx = torch.empty(rows, nblk, lw, dtype=torch.int32, device=death.device)
-    cnt = torch.empty(rows, nblk, dtype=torch.int32, device=death.device)
+    cnt = torch.empty(rows, nblk, 2, dtype=torch.int32, device=death.device)
     prefix_lists_kernel[(nblk, rows)](death, idx, cnt, Q, K, nblk, lw, BLOCK_M=block_m, TILE=256)
     return idx, cnt
 

@@ -40,6 +40,12 @@ class TritonBackend(Backend):
     def load_error(self):
         return _LOAD_ERROR
 
+    def extra_reasons(self, problem):
+        longest = max(problem.Q, problem.K)
+        if _attention is not None and longest > _attention.MAX_SEQ_LEN:
+            return [f"sequence length {longest} exceeds {_attention.MAX_SEQ_LEN} (CUDA grid limit of its tiling)"]
+        return []
+
     def forward(self, problem, q, k, v, bias, mask):
         out, lse = forward_outputs(problem, q)
         with _device_of(q):
