@@ -133,6 +133,7 @@ __device__ __forceinline__ RowState state_entering(const SelectParams& p, const 
   const int bin = kBins - 1 - int(threadIdx.x);
   const int32_t* hist = ws.hist + (int64_t((pass - 1) & 1) * rows + row) * chunks * kBins;
   int count = 0;
+#pragma unroll 8
   for (int64_t c = 0; c < chunks; ++c) count += hist[c * kBins + bin];
   int more = 0;
   const int digit = find_bucket(count, (long long)p.W - base.above, sh, &more);
@@ -219,6 +220,7 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
   const int bin = kBins - 1 - int(threadIdx.x);
   const int32_t* hist = ws.hist + (int64_t((kPasses - 1) & 1) * rows + row) * chunks * kBins;
   int count = 0, before = 0;
+#pragma unroll 8
   for (int64_t k = 0; k < chunks; ++k) {
     const int h = hist[k * kBins + bin];
     count += h;
