@@ -42,3 +42,25 @@ def test_cuda_module_reports_itself():
         pytest.skip(f"CUDA module not built here: {cuda_ext.LOAD_ERROR}")
     info = cuda_ext.info()
     assert info["cuda_runtime"] >= 12000 and "90a" in info["archs"]
+
+
+def test_cuda_backend_does_not_need_triton():
+    """The cuda backend's LIST selection is the CUDA select: with triton unimportable, the backend
+    still loads (or, without the module, says why without naming Triton)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from dmattn.backends import BACKENDS\n"
+        "print(BACKENDS['cuda'].load_error())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if cuda_ext.available():
+        assert out == "None", out
+    assert "triton" not in out.lower(), out

@@ -3,9 +3,10 @@
 // the bindings of the attention forward (fwd.h; kernels in fwd_kernel.cuh) and backward (bwd.h;
 // kernels in bwd_kernel.cuh).
 //
-// The selection here is one thread per broadcast row with a running top-w heap: exact and simple,
-// the first GPU consumer of the shared header and the CUDA backend's starting point. The attention
-// backend will bring its own parallel select; the tie rule and threshold logic stay in the header.
+// `topk_indices` here is one thread per broadcast row with a running top-w heap: exact and simple,
+// for any broadcast row (per-query ones included). The attention backend's LIST metadata comes from
+// the parallel radix select of select.h (`select_lists`, `list_counts`); both take the tie rule and
+// threshold logic from the shared header.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,6 +22,7 @@
 
 #include "check.h"
 #include "dmattn/selection.h"
+#include "select.h"
 #include "bwd.h"
 #include "fwd.h"
 #include "switch.h"
@@ -424,6 +426,155 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
   dmattn::cuda::bwd(p, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// ---------------------------------------------------------------- LIST selection (select.h)
+
+// The CUDA device a tensor lives on must be the current one (kernels launch there).
+void expect_current_device(int device, const char* name) {
+  int current = -1;
+  dmattn::cuda::check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device)
+    throw std::invalid_argument(std::string(name) + " is on CUDA device " + std::to_string(device) +
+                                " but the current device is " + std::to_string(current));
+}
+
+// Whether a tensor is laid out contiguously (size-1 dims may have any stride).
+bool is_contiguous(const AnyCuda& t) {
+  int64_t expected = 1;
+  for (int d = int(t.ndim()) - 1; d >= 0; --d) {
+    if (t.shape(d) > 1 && t.stride(d) != expected) return false;
+    expected *= int64_t(t.shape(d));
+  }
+  return true;
+}
+
+int bias_bits(const nb::dlpack::dtype& t) {
+  const bool is_float = t.code == uint8_t(nb::dlpack::dtype_code::Float) ||
+                        t.code == uint8_t(nb::dlpack::dtype_code::Bfloat);
+  if (!is_float || (t.bits != 16 && t.bits != 32 && t.bits != 64))
+    throw nb::type_error("bias must be float16, bfloat16, float32 or float64");
+  return t.bits;
+}
+
+// A query-broadcast selection input (B_s|1, heads, 1, K) whose heads divide H_s: its batch
+// (0 when size 1), head and key strides, and its heads.
+void selection_view(const AnyCuda& t, const char* name, int64_t B_s, int64_t H_s, int64_t K, int64_t stride[3],
+                    int* heads) {
+  if (t.ndim() != 4 || (t.shape(0) != 1 && int64_t(t.shape(0)) != B_s) || t.shape(1) < 1 ||
+      H_s % int64_t(t.shape(1)) != 0 || t.shape(2) != 1 || int64_t(t.shape(3)) != K)
+    throw std::invalid_argument(std::string(name) + " must be (" + std::to_string(B_s) + "|1, a divisor of " +
+                                std::to_string(H_s) + ", 1, " + std::to_string(K) +
+                                ") (query-broadcast, matching idx), got " + shape_str(t));
+  stride[0] = t.shape(0) == 1 ? 0 : t.stride(0);
+  stride[1] = t.shape(1) == 1 ? 0 : t.stride(1);
+  stride[2] = t.stride(3);
+  *heads = int(t.shape(1));
+}
+
+nb::tuple select_plan(int64_t rows, int64_t K, int bias_bits, int device, int64_t chunk) {
+  if (rows < 0 || K < 0) throw std::invalid_argument("rows and K must be >= 0");
+  int sms = 0;
+  dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                           "cudaDeviceGetAttribute(MultiProcessorCount)");
+  const dmattn::cuda::SelectPlan plan = dmattn::cuda::select_plan(rows, K, bias_bits, sms, chunk);
+  return nb::make_tuple(plan.chunk, plan.chunks, plan.workspace_bytes);
+}
+
+void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::optional<AnyCuda> counts,
+                  AnyCuda workspace, int64_t window, int64_t Q, int64_t block_m, bool causal, int64_t chunk,
+                  uintptr_t stream) {
+  dmattn::cuda::SelectParams p;
+  p.bias_bits = bias_bits(bias.dtype());
+  if (window < 1) throw std::invalid_argument("window must be >= 1, got " + std::to_string(window));
+  if (bias.ndim() != 4) throw std::invalid_argument("bias must be 4-D (B|1, heads, 1, K), got " + shape_str(bias));
+  const int64_t K = bias.shape(3);
+  if (K >= (int64_t(1) << 31) - 1) throw std::invalid_argument("K must be below 2^31 - 1 (int32 key indices)");
+  const int64_t W = window < K ? window : K;
+  if (idx.dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx must be int32");
+  if (idx.ndim() != 3 || int64_t(idx.shape(2)) != W || !is_contiguous(idx))
+    throw std::invalid_argument("idx must be a contiguous (B_s, H_s, min(window, K) = " + std::to_string(W) +
+                                ") tensor, got " + shape_str(idx));
+  const int64_t B_s = idx.shape(0), H_s = idx.shape(1);
+  const int device = bias.device_id();
+  selection_view(bias, "bias", B_s, H_s, K, p.bias_stride, &p.bias_heads);
+  if (idx.device_id() != device) throw std::invalid_argument("idx must be on bias's CUDA device");
+  if (mask) {
+    if (mask->dtype() != nb::dtype<bool>()) throw nb::type_error("mask must be a bool tensor");
+    if (mask->device_id() != device) throw std::invalid_argument("mask must be on bias's CUDA device");
+    selection_view(*mask, "mask", B_s, H_s, K, p.mask_stride, &p.mask_heads);
+    p.mask = static_cast<const uint8_t*>(mask->data());
+  }
+  if (block_m < 1) throw std::invalid_argument("block_m must be >= 1, got " + std::to_string(block_m));
+  if (Q < 1) throw std::invalid_argument("Q must be >= 1, got " + std::to_string(Q));
+  const int64_t n_blocks = (Q + block_m - 1) / block_m;
+  if (counts) {
+    if (counts->dtype() != nb::dtype<int32_t>()) throw nb::type_error("counts must be int32");
+    if (counts->device_id() != device) throw std::invalid_argument("counts must be on bias's CUDA device");
+    expect_shape(*counts, "counts", {B_s, H_s, n_blocks});
+    if (!is_contiguous(*counts)) throw std::invalid_argument("counts must be contiguous");
+  }
+  if (workspace.device_id() != device) throw std::invalid_argument("workspace must be on bias's CUDA device");
+  if (workspace.dtype() != nb::dtype<uint8_t>() || workspace.ndim() != 1 || !is_contiguous(workspace))
+    throw nb::type_error("workspace must be a contiguous 1-D uint8 tensor");
+  int sms = 0;
+  dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                           "cudaDeviceGetAttribute(MultiProcessorCount)");
+  const dmattn::cuda::SelectPlan plan = dmattn::cuda::select_plan(B_s * H_s, K, p.bias_bits, sms, chunk);
+  if (workspace.nbytes() < plan.workspace_bytes)
+    throw std::invalid_argument("workspace must hold at least " + std::to_string(plan.workspace_bytes) +
+                                " bytes (select_plan), got " + std::to_string(workspace.nbytes()));
+  expect_current_device(device, "bias");
+
+  p.bias = bias.data();
+  p.B_s = B_s;
+  p.H_s = H_s;
+  p.K = K;
+  p.W = W;
+  p.idx = static_cast<int32_t*>(idx.data());
+  p.workspace = workspace.data();
+  p.chunk = plan.chunk;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dmattn::cuda::select_lists(p, s);
+  if (counts) {
+    dmattn::cuda::CountsParams c;
+    c.idx = p.idx;
+    c.counts = static_cast<int32_t*>(counts->data());
+    c.rows = B_s * H_s;
+    c.W = W;
+    c.K = K;
+    c.Q = Q;
+    c.block_m = block_m;
+    c.n_blocks = n_blocks;
+    c.causal = causal;
+    dmattn::cuda::list_counts(c, s);
+  }
+}
+
+void list_counts(AnyCuda idx, AnyCuda counts, int64_t K, int64_t Q, int64_t block_m, bool causal, uintptr_t stream) {
+  if (idx.dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx must be int32");
+  if (counts.dtype() != nb::dtype<int32_t>()) throw nb::type_error("counts must be int32");
+  if (idx.ndim() != 3 || !is_contiguous(idx))
+    throw std::invalid_argument("idx must be a contiguous (B_s, H_s, W) tensor, got " + shape_str(idx));
+  if (K < 0 || int64_t(idx.shape(2)) > K) throw std::invalid_argument("K must be >= idx's list length");
+  if (block_m < 1) throw std::invalid_argument("block_m must be >= 1, got " + std::to_string(block_m));
+  if (Q < 1) throw std::invalid_argument("Q must be >= 1, got " + std::to_string(Q));
+  const int64_t B_s = idx.shape(0), H_s = idx.shape(1), n_blocks = (Q + block_m - 1) / block_m;
+  expect_shape(counts, "counts", {B_s, H_s, n_blocks});
+  if (!is_contiguous(counts)) throw std::invalid_argument("counts must be contiguous");
+  if (counts.device_id() != idx.device_id()) throw std::invalid_argument("counts must be on idx's CUDA device");
+  expect_current_device(idx.device_id(), "idx");
+  dmattn::cuda::CountsParams c;
+  c.idx = static_cast<const int32_t*>(idx.data());
+  c.counts = static_cast<int32_t*>(counts.data());
+  c.rows = B_s * H_s;
+  c.W = idx.shape(2);
+  c.K = K;
+  c.Q = Q;
+  c.block_m = block_m;
+  c.n_blocks = n_blocks;
+  c.causal = causal;
+  dmattn::cuda::list_counts(c, reinterpret_cast<cudaStream_t>(stream));
+}
+
 nb::dict info() {
   nb::dict d;
   d["cuda_runtime"] = CUDART_VERSION;
@@ -465,4 +616,20 @@ NB_MODULE(_cuda, m) {
         "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
   m.def("fwd_block_m", &dmattn::cuda::fwd_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA forward for a head dim (the block size of the LIST counts).");
+  m.def("select_plan", &select_plan, nb::arg("rows"), nb::arg("K"), nb::arg("bias_bits"), nb::arg("device"),
+        nb::arg("chunk") = 0,
+        "(chunk, chunks, workspace_bytes) of select_lists for rows x K keys of a bias of bias_bits (16/32/64)\n"
+        "on a CUDA device. chunk 0: keys per thread block picked for the device; else a multiple of the tile.");
+  m.def("select_lists", &select_lists, nb::arg("bias"), nb::arg("mask").none(), nb::arg("idx").noconvert(),
+        nb::arg("counts").noconvert().none(), nb::arg("workspace").noconvert(), nb::kw_only(), nb::arg("window"),
+        nb::arg("Q"), nb::arg("block_m"), nb::arg("causal"), nb::arg("chunk"), nb::arg("stream"),
+        "Global-scope LIST selection of a query-broadcast bias (B_s|1, heads, 1, K) (float16/bfloat16/float32/\n"
+        "float64, any strides; selection head h_s reads head h_s * heads // H_s) and optional bool mask:\n"
+        "idx int32 (B_s, H_s, min(window, K)) gets each row's selected keys ascending, padded with K; counts\n"
+        "int32 (B_s, H_s, cdiv(Q, block_m)) (optional) the entries visible to each query block. workspace:\n"
+        "uint8, select_plan's bytes for the same chunk; nothing needs zeroing. stream: an integer.");
+  m.def("list_counts", &list_counts, nb::arg("idx"), nb::arg("counts").noconvert(), nb::kw_only(), nb::arg("K"),
+        nb::arg("Q"), nb::arg("block_m"), nb::arg("causal"), nb::arg("stream"),
+        "Per query block of block_m rows, how many entries of each ascending LIST idx (B_s, H_s, W) it can see:\n"
+        "counts int32 (B_s, H_s, cdiv(Q, block_m)).");
 }

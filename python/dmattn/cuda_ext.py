@@ -1,11 +1,13 @@
 """The compiled CUDA module ``dmattn._cuda``, when it was built and imports: build information, an
 exact one-thread-per-row ``topk_indices`` on CUDA tensors (compiled from the selection header shared
-with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), and the CuTe
-attention forward (``forward``) and backward (``backward``) that the ``cuda`` backend
-(``backends/cuda.py``) runs, also tested directly."""
+with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), the radix
+select of the LIST metadata (``select_lists``, ``list_selection``, ``list_counts``; same header), and
+the CuTe attention forward (``forward``) and backward (``backward``) that the ``cuda`` backend
+(``backends/cuda.py``) runs, also tested directly. Nothing here needs Triton."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -62,20 +64,84 @@ def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, head_dim: int,
-                   is_causal: bool, rows: Optional[tuple] = None):
-    """LIST metadata for ``forward``: ``(idx, counts)`` int32, built by the Triton backend's
-    selection (plain torch) with this kernel's query block size, or None when the call does not take
-    the LIST path (window >= K, a per-query bias/mask). Global scope; the mask is folded into idx,
-    so ``forward`` needs no mask with it."""
-    from .kernels.triton.selection import LIST, block_counts, make_selection
+_BIAS_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
 
+
+@functools.lru_cache(maxsize=256)
+def _select_plan(rows: int, K: int, bits: int, device: int, chunk: int) -> tuple[int, int, int]:
+    return tuple(_cuda.select_plan(rows, K, bits, device, chunk))
+
+
+def _selection_rows(bias: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(B_s, H_s): the broadcast batch and head sizes of bias and mask."""
+    shapes = [t.shape for t in (bias, mask) if t is not None]
+    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+
+
+def select_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, rows: Optional[tuple] = None, *,
+                 Q: int = 1, block_m: Optional[int] = None, is_causal: bool = False, chunk: Optional[int] = None):
+    """The CUDA radix select (``kernels/cuda/select.h``): ``(idx, counts)``.
+
+    Args:
+        bias: (B_s|1, heads, 1, K) float16/bfloat16/float32/float64 on a GPU, any strides; selection
+            head h_s reads bias head h_s * heads // H_s (heads must divide H_s).
+        mask: optional bool (B_s|1, heads_m, 1, K), same rules; False keys are never selected.
+        window: w >= 1.
+        rows: (B_s, H_s), default the broadcast of bias and mask.
+        Q, block_m, is_causal: with ``block_m``, also the per-query-block counts of the forward
+            (``selection.block_counts`` semantics), else counts is None.
+        chunk: keys per thread block (tests and benchmarks force the split plan with it); default
+            the plan's choice for this GPU.
+
+    Returns:
+        idx int32 (B_s, H_s, min(window, K)): each row's selected keys ascending, padded with K,
+        exactly ``kernels/triton/selection.selected_lists``; counts int32 (B_s, H_s, cdiv(Q, block_m))
+        or None. No host synchronisation: safe under CUDA graph capture.
+    """
+    bias, mask = plain(bias, mask)
+    B_s, H_s = rows if rows is not None else _selection_rows(bias, mask)
     K = bias.shape[-1]
-    sel = make_selection(*plain(bias, mask), window=window, K=K, Q=Q, scope="global", is_causal=is_causal,
-                         rows=rows)
-    if sel.path != LIST:
+    dev = bias.device
+    bits = _BIAS_BITS.get(bias.dtype)
+    if bits is None:
+        raise TypeError(f"bias must be float16, bfloat16, float32 or float64, got {bias.dtype}")
+    chunk, _, nbytes = _select_plan(B_s * H_s, K, bits, dev.index, int(chunk or 0))
+    idx = new_output((B_s, H_s, min(window, K)), torch.int32, dev)
+    counts = None
+    if block_m is not None:
+        counts = new_output((B_s, H_s, -(-Q // block_m)), torch.int32, dev)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _cuda.select_lists(bias, mask, idx, counts, workspace, window=int(window), Q=int(Q),
+                           block_m=int(block_m or 1), causal=bool(is_causal), chunk=chunk, stream=stream)
+    return idx, counts
+
+
+def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: bool) -> torch.Tensor:
+    """Per (b_s, h_s, query block of ``block_m`` rows): how many entries of the ascending list ``idx``
+    (B_s, H_s, W) int32 are <= the causal limit of the block's last query (all entries but the
+    sentinels without causality): int32 (B_s, H_s, cdiv(Q, block_m))."""
+    (idx,) = plain(idx)
+    idx = idx.contiguous()
+    counts = new_output((idx.shape[0], idx.shape[1], -(-Q // block_m)), torch.int32, idx.device)
+    with torch.cuda.device(idx.device):
+        _cuda.list_counts(idx, counts, K=int(K), Q=int(Q), block_m=int(block_m), causal=bool(is_causal),
+                          stream=torch.cuda.current_stream(idx.device).cuda_stream)
+    return counts
+
+
+def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, head_dim: int,
+                   is_causal: bool, rows: Optional[tuple] = None, chunk: Optional[int] = None):
+    """LIST metadata for ``forward``: ``(idx, counts)`` int32 from the CUDA radix select, counts per
+    block of this kernel's query rows, or None when the call does not take the LIST path
+    (window >= K, a per-query bias/mask). Global scope; the mask is folded into idx, so ``forward``
+    needs no mask with it."""
+    K = bias.shape[-1]
+    if window >= K or any(t is not None and t.shape[2] != 1 for t in (bias, mask)):
         return None
-    return sel.idx, block_counts(sel.idx, Q, K, fwd_block_m(head_dim), is_causal)
+    return select_lists(bias, mask, window, rows, Q=Q, block_m=fwd_block_m(head_dim), is_causal=is_causal,
+                        chunk=chunk)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -133,7 +199,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     LIST path with one list per query head (idx with more heads than H_kv), float32 (B, K, H, D)
     dk/dv partials summed over each group here.
     """
-    from .kernels.triton.selection import block_counts
     from .reference import reduce_to
 
     B, Q, H, D = q.shape
@@ -146,7 +211,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[2] > 1
     counts = None
     if idx is not None:
-        counts = block_counts(idx, Q, K, bwd_dq_block_m(D), is_causal)
+        counts = list_counts(idx, Q=Q, K=K, block_m=bwd_dq_block_m(D), is_causal=is_causal)
     listed = idx is not None
     per_head = listed and idx.dim() == 3 and idx.shape[1] > H_kv
 

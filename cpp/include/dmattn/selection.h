@@ -88,5 +88,56 @@ static DMATTN_HD inline Key topw_threshold(const TopW& t) {
   return t.size < t.cap ? pass_all() : t.heap[0];
 }
 
+// ---------------------------------------------------------------- radix select (GPU)
+// The CUDA select (kernels/cuda/select_kernel.cuh) ranks keys by integers instead of doubles: each
+// bias value's bits become an unsigned key whose integer order is the values' order, so equal
+// values get equal keys and better(Key{a, i}, Key{b, j}) == key_better(order_key(a), i,
+// order_key(b), j) for every non-NaN a, b. The row's threshold is the w-th best key; a key is kept
+// when it ranks at or above it. Key 0 is below every real value (-inf included) and marks keys that
+// are not candidates (masked out); it is only reached by a negative NaN with every payload bit set.
+
+// Order-preserving keys of IEEE bits: -0.0 folded onto +0.0 (they compare equal), then the sign
+// bit set for non-negative values and every bit flipped for negative ones.
+static DMATTN_HD inline uint32_t order_key16(uint16_t bits) {
+  const uint32_t b = bits == 0x8000u ? 0u : bits;
+  return (b & 0x8000u) ? (~b & 0xFFFFu) : (b | 0x8000u);
+}
+
+static DMATTN_HD inline uint32_t order_key32(uint32_t bits) {
+  const uint32_t b = bits == 0x80000000u ? 0u : bits;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+static DMATTN_HD inline uint64_t order_key64(uint64_t bits) {
+  const uint64_t sign = uint64_t(1) << 63;
+  const uint64_t b = bits == sign ? 0u : bits;
+  return (b & sign) ? ~b : (b | sign);
+}
+
+// better() on keys: larger key first, then the earlier index.
+static DMATTN_HD inline bool key_better(uint64_t ka, int64_t ia, uint64_t kb, int64_t ib) {
+  return ka > kb || (ka == kb && ia < ib);
+}
+
+// One radix step: the digit bucket whose keys hold the rank-th best key (rank >= 1) of the keys
+// still in play. `at_or_above` counts the keys in this bucket and every higher one, `count` those in
+// this bucket; exactly one bucket of a histogram whose total is >= rank answers true.
+static DMATTN_HD inline bool bucket_holds_rank(int64_t at_or_above, int64_t count, int64_t rank) {
+  return at_or_above >= rank && at_or_above - count < rank;
+}
+
+// How many keys equal to the threshold `thr` are kept, given `above` keys strictly better in value:
+// the earliest w - above of them (ties go to the earlier key). thr == 0 means the row has fewer than
+// w candidates: every candidate is above it and no key equal to it (not a candidate) is kept.
+static DMATTN_HD inline int64_t threshold_takes(uint64_t thr, int64_t w, int64_t above) {
+  return thr == 0 ? 0 : w - above;
+}
+
+// Whether a key is kept: above the threshold, or equal to it with fewer than `needed` equal keys
+// before it in index order (`eq_before`).
+static DMATTN_HD inline bool radix_keeps(uint64_t key, uint64_t thr, int64_t eq_before, int64_t needed) {
+  return key > thr || (key == thr && eq_before < needed);
+}
+
 }  // namespace sel
 }  // namespace dmattn

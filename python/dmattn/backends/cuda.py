@@ -2,11 +2,12 @@
 float16/bfloat16, the head dims the module was compiled for.
 
 Two key-visiting paths. LIST: a window over a bias and mask shared by every query, with global
-scope (or a selection that equals it: no causality, or a single query); the Triton backend's radix
-select builds the sorted key lists (``cuda_ext.list_selection``, the mask folded into them) and the
-kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
+scope (or a selection that equals it: no causality, or a single query); the CUDA radix select
+(``kernels/cuda/select.h``, through ``cuda_ext.list_selection``) builds the sorted key lists, the mask
+folded into them, and the kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
 every key); bias and mask are tested per element. The visible scope with causality and Q > 1, and a
-window over a per-query bias or mask, have no CUDA path: the Triton backend computes them.
+window over a per-query bias or mask, have no CUDA path: the Triton backend computes them. Nothing
+here needs Triton.
 
 Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.51 ms on H200), so
 ``backend="auto"`` picks it only when Triton declines; ``backend="cuda"`` runs it by name.
@@ -16,11 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import cuda_ext
-from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output
-from .triton import TritonBackend
-
-_TRITON = TritonBackend()
+from .. import cuda_ext, reference
+from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output, plain
 
 
 def _load_error():
@@ -28,9 +26,8 @@ def _load_error():
         return cuda_ext.LOAD_ERROR
     if not (cuda_ext.has_forward() and cuda_ext.has_backward()):
         return "dmattn._cuda was built without the attention forward and backward"
-    triton_error = _TRITON.load_error()
-    if triton_error is not None:
-        return f"its LIST selection runs the Triton selection code, which is unavailable: {triton_error}"
+    if not hasattr(cuda_ext._cuda, "select_lists"):
+        return "dmattn._cuda was built without the LIST selection (select_lists)"
     return None
 
 
@@ -116,7 +113,17 @@ class CudaBackend(Backend):
                                            is_causal=p.is_causal)
 
     def visible_mask(self, problem, bias, mask):
-        return _TRITON.visible_mask(problem, bias, mask)
+        # A debugging helper: the reference's dense computation, exact by definition.
+        p = problem
+        return reference.visible_mask(*plain(bias, mask), B=p.B, H=p.H, Q=p.Q, K=p.K, window=p.window,
+                                      topk_scope=p.topk_scope, is_causal=p.is_causal)
 
     def topk_indices(self, bias, mask, window):
-        return _TRITON.topk_indices(bias, mask, window)
+        bias, mask = plain(bias, mask)
+        K = bias.shape[-1]
+        with torch.cuda.device(bias.device):
+            if all(t is None or t.shape[2] == 1 for t in (bias, mask)):
+                idx = cuda_ext.select_lists(bias, mask, window)[0].unsqueeze(2).long()
+                return idx.masked_fill_(idx == K, -1)
+            rows = tuple(max(t.shape[d] for t in (bias, mask) if t is not None) for d in range(3))
+            return cuda_ext.topk_indices(bias, mask, window, rows)

@@ -1,0 +1,305 @@
+// Kernels of the CUDA global-scope selection (select.h): a radix select on order-preserving integer
+// keys, then an ordered, stable compaction; no sort of the K keys.
+//
+// A row of K keys is cut into C chunks of `chunk` keys, one thread block each (grid (rows, C)), so
+// a few long rows still fill the GPU. Keys are the bias bits mapped by sel::order_key* (masked-out
+// keys get 0). The threshold T, the W-th largest key of the row, is found 8 bits at a time from the
+// top, one kernel per digit (select_hist_kernel): each block histograms, in shared memory, the
+// digit of its chunk's keys whose higher digits equal T's prefix found so far, and writes the 256
+// counts to the workspace; the next kernel's blocks each sum the row's C histograms and pick the
+// digit holding the rank still sought (sel::bucket_holds_rank). No atomics in global memory, so
+// nothing to zero and the result does not depend on scheduling. The last pass also counts, per
+// chunk, the keys whose higher digits are above the prefix.
+//
+// select_write_kernel then knows T, how many keys equal to T are kept (the earliest ones,
+// sel::threshold_takes) and, from the chunk histograms before its own, how many keys earlier chunks
+// keep: its first output slot. It walks its chunk in tiles, a block-wide exclusive scan of packed
+// (above, equal) flags giving each kept key its slot, so the list comes out ascending.
+//
+// Workspace (bytes, select_plan): per pass and row a RowState {prefix, above}; two ping-pong
+// int32 histogram buffers of rows x C x 256 (pass p writes buffer p % 2 and reads the other); the
+// last pass's rows x C above-prefix counts.
+#pragma once
+
+#include <cub/block/block_exchange.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dmattn/selection.h"
+#include "select.h"
+
+namespace dmattn {
+namespace cuda {
+namespace select_detail {
+
+namespace sel = ::dmattn::sel;
+
+constexpr int kThreads = 256;  // one thread per histogram bin in the bucket search
+constexpr int kBins = 256;     // 8-bit digits
+constexpr int kItems = 4;      // keys per thread per compaction tile
+constexpr int kTile = kThreads * kItems;
+
+struct RowState {
+  unsigned long long prefix;  // the threshold's digits found so far
+  long long above;            // keys of the row whose found digits are above the prefix
+};
+
+struct Workspace {
+  RowState* state;  // (passes, rows)
+  int32_t* hist;    // (2, rows, C, kBins)
+  int32_t* above;   // (rows, C)
+};
+
+inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+__host__ __device__ inline Workspace carve(void* base, int64_t rows, int64_t chunks, int passes) {
+  char* p = static_cast<char*>(base);
+  Workspace w;
+  w.state = reinterpret_cast<RowState*>(p);
+  p += (size_t(passes) * size_t(rows) * sizeof(RowState) + 15) / 16 * 16;
+  w.hist = reinterpret_cast<int32_t*>(p);
+  p += (size_t(2) * size_t(rows) * size_t(chunks) * kBins * sizeof(int32_t) + 15) / 16 * 16;
+  w.above = reinterpret_cast<int32_t*>(p);
+  return w;
+}
+
+inline size_t workspace_bytes(int64_t rows, int64_t chunks, int passes) {
+  return align16(size_t(passes) * size_t(rows) * sizeof(RowState)) +
+         align16(size_t(2) * size_t(rows) * size_t(chunks) * kBins * sizeof(int32_t)) +
+         align16(size_t(rows) * size_t(chunks) * sizeof(int32_t));
+}
+
+template <int kBits>
+using KeyT = std::conditional_t<kBits == 64, unsigned long long, uint32_t>;
+
+// Order-preserving key of bias entry `off` (elements), 0 when the key is masked out.
+template <int kBits>
+__device__ __forceinline__ KeyT<kBits> load_key(const SelectParams& p, int64_t bias_row, int64_t mask_row,
+                                                int64_t j) {
+  // Both loads issued before either is used: one memory round trip, not two.
+  const bool allowed = p.mask == nullptr || p.mask[mask_row + j * p.mask_stride[2]] != 0;
+  const int64_t off = bias_row + j * p.bias_stride[2];
+  KeyT<kBits> key;
+  if constexpr (kBits == 16) {
+    key = sel::order_key16(static_cast<const uint16_t*>(p.bias)[off]);
+  } else if constexpr (kBits == 32) {
+    key = sel::order_key32(static_cast<const uint32_t*>(p.bias)[off]);
+  } else {
+    key = sel::order_key64(static_cast<const unsigned long long*>(p.bias)[off]);
+  }
+  return allowed ? key : KeyT<kBits>(0);
+}
+
+// Element offsets of row `row` in bias and mask.
+__device__ __forceinline__ void row_bases(const SelectParams& p, int64_t row, int64_t* bias_row,
+                                          int64_t* mask_row) {
+  const int64_t b = row / p.H_s, h = row % p.H_s;
+  *bias_row = b * p.bias_stride[0] + (h * p.bias_heads / p.H_s) * p.bias_stride[1];
+  *mask_row = p.mask ? b * p.mask_stride[0] + (h * p.mask_heads / p.H_s) * p.mask_stride[1] : 0;
+}
+
+using BinScan = cub::BlockScan<int, kThreads>;
+
+struct BucketShared {
+  typename BinScan::TempStorage scan;
+  int digit;
+  int more;
+};
+
+// Thread t owns bin 255 - t with `count` keys. Returns (to every thread) the bin holding the
+// rank-th largest key and, in *more, the keys in higher bins.
+__device__ __forceinline__ int find_bucket(int count, long long rank, BucketShared& sh, int* more) {
+  int at_or_above;
+  BinScan(sh.scan).InclusiveSum(count, at_or_above);
+  if (sel::bucket_holds_rank(at_or_above, count, rank)) {
+    sh.digit = kBins - 1 - int(threadIdx.x);
+    sh.more = at_or_above - count;
+  }
+  __syncthreads();
+  *more = sh.more;
+  return sh.digit;
+}
+
+// The row's state entering pass `pass`: prefix and above count after the digits of passes < pass,
+// derived from pass - 1's chunk histograms (block 0 of the row stores it for later kernels).
+__device__ __forceinline__ RowState state_entering(const SelectParams& p, const Workspace& ws, int64_t row,
+                                                   int64_t chunks, int pass, BucketShared& sh) {
+  if (pass == 0) return RowState{0, 0};
+  const int64_t rows = p.B_s * p.H_s;
+  const RowState base = pass == 1 ? RowState{0, 0} : ws.state[int64_t(pass - 1) * rows + row];
+  const int bin = kBins - 1 - int(threadIdx.x);
+  const int32_t* hist = ws.hist + (int64_t((pass - 1) & 1) * rows + row) * chunks * kBins;
+  int count = 0;
+#pragma unroll 8
+  for (int64_t c = 0; c < chunks; ++c) count += hist[c * kBins + bin];
+  int more = 0;
+  const int digit = find_bucket(count, (long long)p.W - base.above, sh, &more);
+  const RowState next{(base.prefix << 8) | unsigned(digit), base.above + more};
+  if (blockIdx.y == 0 && threadIdx.x == 0) ws.state[int64_t(pass) * rows + row] = next;
+  return next;
+}
+
+// Radix pass `pass` over chunk blockIdx.y of row blockIdx.x: the histogram of the pass's digit
+// among the chunk's keys whose higher digits equal the prefix; in the last pass also the count of
+// keys whose higher digits are above it.
+template <int kBits>
+__global__ void __launch_bounds__(kThreads) select_hist_kernel(SelectParams p, int64_t chunks, int pass) {
+  using Key = KeyT<kBits>;
+  constexpr int kPasses = kBits / 8;
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ int hist[kBins];
+  __shared__ BucketShared sh;
+  __shared__ typename Reduce::TempStorage reduce;
+
+  const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
+  const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
+  hist[threadIdx.x] = 0;
+  const RowState st = state_entering(p, ws, row, chunks, pass, sh);
+  __syncthreads();  // hist zeroed
+  const int shift = kBits - 8 * (pass + 1);
+  const Key prefix = Key(st.prefix);
+  const bool last = pass == kPasses - 1;
+
+  int64_t bias_row, mask_row;
+  row_bases(p, row, &bias_row, &mask_row);
+  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
+  const unsigned lane = threadIdx.x % 32;
+  int n_above = 0;
+  for (int64_t t0 = start; t0 < stop; t0 += kTile) {
+    Key key[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t j = t0 + i * kThreads + threadIdx.x;
+      key[i] = j < stop ? load_key<kBits>(p, bias_row, mask_row, j) : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool valid = t0 + i * kThreads + threadIdx.x < stop;
+      const Key high = pass == 0 ? Key(0) : key[i] >> (shift + 8);
+      const bool in = valid && high == prefix;
+      n_above += (valid && high > prefix) ? 1 : 0;
+      // Warp-aggregated: skewed biases put most keys of a pass in one bin.
+      const unsigned digit = in ? unsigned(key[i] >> shift) & (kBins - 1) : unsigned(kBins);
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], __popc(peers));
+    }
+  }
+  __syncthreads();
+  ws.hist[((int64_t(pass & 1) * rows + row) * chunks + c) * kBins + threadIdx.x] = hist[threadIdx.x];
+  if (last) {
+    const int total = Reduce(reduce).Sum(n_above);
+    if (threadIdx.x == 0) ws.above[row * chunks + c] = total;
+  }
+}
+
+// Compaction of chunk blockIdx.y of row blockIdx.x after the last radix pass.
+template <int kBits>
+__global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, int64_t chunks) {
+  using Key = KeyT<kBits>;
+  constexpr int kPasses = kBits / 8;
+  using Reduce = cub::BlockReduce<long long, kThreads>;
+  using Exchange = cub::BlockExchange<Key, kThreads, kItems>;
+  using FlagScan = cub::BlockScan<int, kThreads>;
+  __shared__ BucketShared sh;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Exchange::TempStorage exchange;
+    typename FlagScan::TempStorage scan;
+  } tmp;
+  __shared__ long long eq_before_sh, kept_sh;
+
+  const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
+  const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
+  const RowState base = ws.state[int64_t(kPasses - 1) * rows + row];
+
+  // Threshold T = prefix . digit, from the last pass's histograms summed over every chunk; the
+  // same histograms summed over the chunks before this one say how many keys those keep.
+  const int bin = kBins - 1 - int(threadIdx.x);
+  const int32_t* hist = ws.hist + (int64_t((kPasses - 1) & 1) * rows + row) * chunks * kBins;
+  int count = 0, before = 0;
+#pragma unroll 8
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int h = hist[k * kBins + bin];
+    count += h;
+    before += k < c ? h : 0;
+  }
+  int more = 0;
+  const int digit = find_bucket(count, (long long)p.W - base.above, sh, &more);
+  const Key thr = Key((base.prefix << 8) | unsigned(digit));
+  const long long needed = sel::threshold_takes(thr, p.W, base.above + more);
+  if (bin == digit) eq_before_sh = before;
+  long long above_before = bin > digit ? before : 0;
+  for (int64_t k = threadIdx.x; k < c; k += kThreads) above_before += ws.above[row * chunks + k];
+  above_before = Reduce(tmp.reduce).Sum(above_before);  // valid in thread 0
+  __syncthreads();  // eq_before_sh written
+  if (threadIdx.x == 0) kept_sh = above_before + (needed < eq_before_sh ? needed : eq_before_sh);
+  __syncthreads();
+  long long kept = kept_sh;        // keys kept before the current tile, row-wide
+  long long eq_seen = eq_before_sh;  // keys equal to T before the current tile, row-wide
+
+  int64_t bias_row, mask_row;
+  row_bases(p, row, &bias_row, &mask_row);
+  int32_t* out = p.idx + row * p.W;
+  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
+  for (int64_t t0 = start; t0 < stop; t0 += kTile) {
+    Key key[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {  // striped: coalesced loads
+      const int64_t j = t0 + i * kThreads + threadIdx.x;
+      key[i] = j < stop ? load_key<kBits>(p, bias_row, mask_row, j) : 0;  // 0 is never kept
+    }
+    __syncthreads();  // tmp is reused
+    Exchange(tmp.exchange).StripedToBlocked(key);  // thread t: keys t0 + t * kItems + i
+    int flags[kItems], excl[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) flags[i] = int(key[i] > thr) | (int(key[i] == thr) << 16);
+    int total;
+    __syncthreads();
+    FlagScan(tmp.scan).ExclusiveSum(flags, excl, total);
+    const long long rem = needed - eq_seen > 0 ? needed - eq_seen : 0;  // equal keys still to take
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const long long above_ex = excl[i] & 0xFFFF, eq_ex = excl[i] >> 16;
+      if (sel::radix_keeps(key[i], thr, eq_seen + eq_ex, needed)) {
+        const long long slot = kept + above_ex + (eq_ex < rem ? eq_ex : rem);
+        out[slot] = int32_t(t0 + int64_t(threadIdx.x) * kItems + i);
+      }
+    }
+    const long long eq_total = total >> 16;
+    kept += (total & 0xFFFF) + (eq_total < rem ? eq_total : rem);
+    eq_seen += eq_total;
+  }
+  if (c == chunks - 1) {
+    const long long n_kept = base.above + more + needed;
+    for (long long s = n_kept + threadIdx.x; s < p.W; s += kThreads) out[s] = int32_t(p.K);
+  }
+}
+
+// counts[row, m] = the number of entries of the row's list <= the causal limit of query block m's
+// last query (all of them without causality); sentinels (K) are never counted.
+__global__ void list_counts_kernel(CountsParams p) {
+  const int64_t n = p.rows * p.n_blocks;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / p.n_blocks, m = i % p.n_blocks;
+    const int64_t last = ((m + 1) * p.block_m < p.Q ? (m + 1) * p.block_m : p.Q) - 1;
+    int64_t limit = p.K - 1;
+    if (p.causal) {
+      limit = last + p.K - p.Q;
+      limit = limit < -1 ? -1 : (limit > p.K - 1 ? p.K - 1 : limit);
+    }
+    const int32_t* list = p.idx + row * p.W;
+    int64_t lo = 0, hi = p.W;  // first entry > limit
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (int64_t(list[mid]) <= limit) lo = mid + 1; else hi = mid;
+    }
+    p.counts[i] = int32_t(lo);
+  }
+}
+
+}  // namespace select_detail
+}  // namespace cuda
+}  // namespace dmattn
