@@ -269,6 +269,36 @@ def _kv_rows(base, offs_n, stride_n, n_ok, offs_d, stride_d, D: tl.constexpr, BL
 
 
 @triton.jit
+def _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
+                 Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The program's query block, for the kernels that own one (forward, dq): its ids, the causal
+    offset, the selection row, the bias/mask/key/value bases of its (batch, head), the row and
+    head-dim offsets with their bounds, and the q tile [BLOCK_M, BLOCK_D].
+
+    Grid (B * H, query blocks), the last block first: blocks are issued in launch order, and the
+    causally later blocks hold the most keys, so the heaviest run first and the small ones fill
+    the tail."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = (h // GROUP).to(tl.int64)
+    row = (b * SEL_B + h * H_S // H).to(tl.int64)  # selection row of (b, h)
+    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
+    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+    k_base = Kp + b * skb + g * skh
+    v_base = Vp + b * svb + g * svh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_ok = offs_m < Q
+    d_ok = offs_d < D
+    q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    return pid_bh, pid_m, b, h, K - Q, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok, q
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn, svd,
               offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K, scale, softcap,
               D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -300,27 +330,9 @@ def dma_fwd_kernel(
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Grid (B * H, query blocks), the last block first: blocks are issued in launch order, and the
-    # causally later blocks hold the most keys, so the heaviest run first and the small ones fill
-    # the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    g = (h // GROUP).to(tl.int64)
-    off = K - Q
-    row = (b * SEL_B + h * H_S // H).to(tl.int64)  # selection row of (b, h)
-    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
-    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
-    k_base = Kp + b * skb + g * skh
-    v_base = Vp + b * svb + g * svh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    m_ok = offs_m < Q
-    d_ok = offs_d < D
-    q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
+     q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
+                       Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
     tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
 
@@ -387,26 +399,10 @@ def dma_bwd_dq_kernel(
 ):
     """dq of one query block; with WRITE_DS also dS per element into the float32 (B, H, Q, K)
     buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias."""
-    # Grid (B * H, query blocks), the last block first: blocks are issued in launch order, and the
-    # causally later blocks hold the most keys, so the heaviest run first and the small ones fill
-    # the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    g = (h // GROUP).to(tl.int64)
-    off = K - Q
-    row = (b * SEL_B + h * H_S // H).to(tl.int64)
-    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
-    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    m_ok = offs_m < Q
-    d_ok = offs_d < D
+    (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
+     q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
+                       Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
     qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Qp + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-                mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_d[None, :] * sdd,
                  mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     lse = tl.load(Lse + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=float("-inf"))
@@ -416,8 +412,6 @@ def dma_bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
     tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
-    k_base = Kp + b * skb + g * skh
-    v_base = Vp + b * svb + g * svh
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
