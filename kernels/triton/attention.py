@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import topk
 from .prefix import alive_order, block_lists
-from .selection import LIST, PREFIX, THRESHOLD, block_counts, make_selection
+from .selection import LIST, PREFIX, THRESHOLD, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
 # operand is upcast to float32, and one fixed launch configuration is used.
@@ -50,6 +50,7 @@ _SIZES = ("sbb", "sbh", "sbm", "smb", "smh", "smm", "Q", "K", "H", "GROUP", "HB"
 _LIST = tl.constexpr(LIST)
 _THRESHOLD = tl.constexpr(THRESHOLD)
 _PREFIX = tl.constexpr(PREFIX)
+_COUNT_BLOCK = tl.constexpr(512)  # list entries counted per step (_query_block_keys)
 
 
 # Query blocks (forward, dq) and key tiles (dk/dv) run along the grid's y axis, which CUDA limits to
@@ -217,7 +218,7 @@ def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
 
 
 @triton.jit
-def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
+def _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
     zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
@@ -237,12 +238,22 @@ def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
         limit = tl.load(Cnt + (row * NBLK + pid_m) * 2)
         full = tl.load(Cnt + (row * NBLK + pid_m) * 2 + 1)
     elif PATH == _LIST:
-        limit = tl.load(Cnt + row * NBLK + pid_m)
+        # The list is ascending: the block sees the entries <= its last query's causal limit, and
+        # all its queries the entries <= its first query's. Counted here from the list itself (a
+        # few vector loads of W int32) rather than by a separate pass over every block.
         if IS_CAUSAL:
-            # The previous block's count: entries <= the causal limit of this block's first query - 1.
-            full = tl.load(Cnt + row * NBLK + pid_m - 1, mask=pid_m > 0, other=0)
+            c_hi = tl.minimum((pid_m + 1) * BLOCK_M, Q) - 1 + off
+            c_lo = pid_m * BLOCK_M + off
         else:
-            full = limit
+            c_hi = K - 1
+            c_lo = K - 1
+        limit = tl.full([], 0, tl.int32)
+        full = tl.full([], 0, tl.int32)
+        for s in range(0, W, _COUNT_BLOCK):
+            pos = s + tl.arange(0, _COUNT_BLOCK)
+            e = tl.load(Idx + idx_row + pos, mask=pos < W, other=K)  # padding reads as the sentinel K
+            limit += tl.sum((e <= c_hi).to(tl.int32), 0)
+            full += tl.sum((e <= c_lo).to(tl.int32), 0)
     elif IS_CAUSAL:
         limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
         full = tl.minimum(tl.maximum(pid_m * BLOCK_M + off + 1, 0), limit)
@@ -333,7 +344,7 @@ def dma_fwd_kernel(
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+    tv, ti, limit, full, idx_row = _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -410,7 +421,7 @@ def dma_bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     lse = lse * LOG2E  # base-2, like the scores
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+    tv, ti, limit, full, idx_row = _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
@@ -742,13 +753,12 @@ class _Launch:
     def query_lists(self, block_m: int) -> dict:
         """The key lists the forward and dq kernels walk for query blocks of ``block_m``: Idx, Cnt
         (per selection row and query block), W (entries per list) and NBLK.
-        LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's alive
-        keys, and in Cnt their count and how many of them lead the list visible to the whole
+        LIST: the row's list (each block counts the prefix it can see itself); PREFIX: each block's
+        alive keys, and in Cnt their count and how many of them lead the list visible to the whole
         block; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if sel.path == LIST:
-            cnt = block_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
-            return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
+            return dict(Idx=sel.idx, Cnt=self.ints, W=sel.idx.shape[-1], NBLK=triton.cdiv(p.Q, block_m))
         if sel.path == PREFIX:
             idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
             return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1])
