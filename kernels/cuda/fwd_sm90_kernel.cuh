@@ -21,8 +21,12 @@
 // The key indices of t+1 are read from the list one tile earlier still, so the copies never wait
 // on that load.
 //
-// Status: compiled (sm_80, sm_90a, compute_90), HGMMA checked in the SASS; run on an H200 in the
-// tests/test_cuda_fwd_sm90.py suite (see the commit that adds this file for the results).
+// Status: UNVERIFIED ON A GPU. Written on a machine without one: it compiles for sm_80, sm_90a and
+// compute_90, its SASS holds HGMMA (16 per variant: 8 k-blocks of 64x128x16 for S and 8 for O at
+// D = 128), ptxas reports 255 registers and no spills, and the register and shared-memory layouts
+// (accumulator rows/columns, P as the RS A operand, V read transposed, each warpgroup's Q rows)
+// were checked on the host against the wgmma atom layouts. fwd.cu keeps it switched off by default
+// until tests/test_cuda_fwd_sm90.py passes on an H100/H200.
 //
 // Non-sm_90a passes (sm_80 SASS, compute_90 PTX) compile an empty body that traps: fwd.cu never
 // launches this kernel unless the build carries sm_90a code and the device is compute capability 9.0.

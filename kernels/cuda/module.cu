@@ -467,8 +467,8 @@ NB_MODULE(_cuda, m) {
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
   m.def("set_fwd_sm90_enabled", &dmattn::cuda::set_fwd_sm90_enabled, nb::arg("enabled"),
-        "Lets the forward use its sm_90a (wgmma) kernel where it applies (True, the default) or sends every call\n"
-        "to the sm_80 kernel (False), for A/B measurements. Process-wide; not thread-local.");
+        "Lets the forward use its sm_90a (wgmma) kernel where it applies (True) or sends every call to the sm_80\n"
+        "kernel (False, the default until the sm_90a kernel has run on a GPU), for A/B measurements. Process-wide.");
   m.def("fwd_sm90_enabled", &dmattn::cuda::fwd_sm90_enabled, "Whether set_fwd_sm90_enabled left the sm_90a forward on.");
   m.def("fwd_uses_sm90", &dmattn::cuda::fwd_uses_sm90, nb::arg("head_dim"), nb::arg("per_query") = false,
         "Whether a forward call with this head dim (and a per-query bias/mask or not) runs the sm_90a kernel on the\n"

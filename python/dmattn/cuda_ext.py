@@ -54,8 +54,9 @@ def has_sm90_switch() -> bool:
 
 
 def set_sm90_enabled(enabled: bool) -> None:
-    """Lets ``forward`` use the sm_90a (wgmma) kernel where it applies (the default) or forces the
-    sm_80 kernel everywhere (``False``), e.g. for A/B timing. Process-wide."""
+    """Lets ``forward`` use the sm_90a (wgmma) kernel where it applies (``True``) or forces the sm_80
+    kernel everywhere (``False``, for now the default: the sm_90a kernel awaits its first GPU run),
+    e.g. for A/B timing. Process-wide."""
     if has_sm90_switch():
         _cuda.set_fwd_sm90_enabled(bool(enabled))
 
