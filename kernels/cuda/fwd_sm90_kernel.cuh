@@ -22,8 +22,9 @@
 // on that load.
 //
 // Status: UNVERIFIED ON A GPU. Written on a machine without one: it compiles for sm_80, sm_90a and
-// compute_90, its SASS holds HGMMA (16 per variant: 8 k-blocks of 64x128x16 for S and 8 for O at
-// D = 128), ptxas reports 255 registers and no spills, and the register and shared-memory layouts
+// compute_90, its SASS holds HGMMA and no HMMA (`cuobjdump -sass _cuda*.so`: 16 HGMMA per variant
+// at D = 128, 8 k-blocks of 64x128x16 for S and 8 for O; 12 at D = 64, 4 for S and 8 of 64x64x16
+// for O), ptxas reports 250-255 registers and no spills, and the register and shared-memory layouts
 // (accumulator rows/columns, P as the RS A operand, V read transposed, each warpgroup's Q rows)
 // were checked on the host against the wgmma atom layouts. fwd.cu keeps it switched off by default
 // until tests/test_cuda_fwd_sm90.py passes on an H100/H200.
