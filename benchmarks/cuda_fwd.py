@@ -1,21 +1,25 @@
-"""The CuTe forward (``dmattn.cuda_ext.forward``) against the Triton forward on a T32k-like shape.
+"""The CuTe forwards (``dmattn.cuda_ext.forward``: the sm_90a wgmma kernel and the sm_80 one) against
+the Triton forward on T32k- and T8k-like shapes.
 
-Default workload: B=1, H=32, H_kv=8, D=128, bfloat16, Q=K=32768, bias (B, H_kv, 1, K), window
-w=2048, global scope, causal: the LIST path (one sorted list of w keys per (batch, kv head)).
-Both kernels get the same selection; timed separately with ``triton.testing.do_bench`` (median):
+Default workload: B=1, H=32, H_kv=8, D=128, bfloat16, Q=K in (32768, 8192), bias (B, H_kv, 1, K),
+window w=2048, global scope, causal: the LIST path (one sorted list of w keys per (batch, kv head)).
+All kernels get the same selection; timed separately with ``triton.testing.do_bench`` (median):
 
 - ``selection``: ``cuda_ext.list_selection`` (the Triton backend's torch selection + block counts)
-- ``cuda fwd``: the CuTe kernel alone, metadata prebuilt
+- ``cuda fwd sm90``: the CuTe kernel the dispatch picks with the sm_90a kernel enabled (on an
+  H100/H200 with an sm_90a build: the wgmma kernel), metadata prebuilt
+- ``cuda fwd sm80``: the same call with ``cuda_ext.set_sm90_enabled(False)`` (the mma.sync kernel)
 - ``triton fwd``: the Triton forward kernel alone, metadata prebuilt (same launch as
   ``kernels/triton/attention.forward``)
 - ``triton forward()``: the Triton host wrapper end to end (selection included)
-- with ``--dense-seq N``: the DENSE path (no window, causal, same bias) at Q=K=N for both kernels,
-  and torch SDPA (causal, no bias) as the hardware's dense reference.
+- with ``--dense-seq N``: the DENSE path (no window, causal, same bias) at Q=K=N for the CUDA
+  kernels (sm90 and sm80) and Triton, and torch SDPA (causal, no bias) as the hardware's dense
+  reference.
 
-Also prints how far the two kernels' outputs are apart, and TFLOP/s of useful work (4 * D flops per
-visible (query, key) pair). ``--json PATH`` writes every number.
+Also prints how far the kernels' outputs are apart, and TFLOP/s of useful work (4 * D flops per
+visible (query, key) pair). ``--json PATH`` writes every number, keyed "T<seq/1024>k <name>".
 
-    python benchmarks/cuda_fwd.py [--seq 32768] [--window 2048] [--dense-seq 8192] [--json out.json]
+    python benchmarks/cuda_fwd.py [--seq 32768 8192] [--window 2048] [--dense-seq 8192] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,13 +72,30 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float())[fin].abs().max().item()) if fin.any() else 0.0
 
 
+class _Sm90:
+    """``with _Sm90(on):`` runs the body with the sm_90a forward enabled or switched off."""
+
+    def __init__(self, on: bool):
+        from dmattn import cuda_ext
+
+        self.ext, self.on = cuda_ext, on
+
+    def __enter__(self):
+        self.before = self.ext.sm90_enabled()
+        self.ext.set_sm90_enabled(self.on)
+        return self
+
+    def __exit__(self, *exc):
+        self.ext.set_sm90_enabled(self.before)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--seq", type=int, default=32768)
+    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 8192], help="LIST workloads, Q=K=seq")
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--no-causal", action="store_true")
@@ -91,84 +112,105 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    B, H, H_kv, D, S, w = args.batch, args.heads, args.kv_heads, args.head_dim, args.seq, args.window
+    B, H, H_kv, D, w = args.batch, args.heads, args.kv_heads, args.head_dim, args.window
     causal = not args.no_causal
+    S_max = max(args.seq + [args.dense_seq])
     g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, S, H, D, device=dev, dtype=dtype, generator=g)
-    k = torch.randn(B, S, H_kv, D, device=dev, dtype=dtype, generator=g)
-    v = torch.randn(B, S, H_kv, D, device=dev, dtype=dtype, generator=g)
-    bias = torch.randn(B, H_kv, 1, S, device=dev, dtype=dtype, generator=g)
+    q_all = torch.randn(B, S_max, H, D, device=dev, dtype=dtype, generator=g)
+    k_all = torch.randn(B, S_max, H_kv, D, device=dev, dtype=dtype, generator=g)
+    v_all = torch.randn(B, S_max, H_kv, D, device=dev, dtype=dtype, generator=g)
+    bias_all = torch.randn(B, H_kv, 1, S_max, device=dev, dtype=dtype, generator=g)
+
+    def inputs(S):
+        return (q_all[:, :S].contiguous(), k_all[:, :S].contiguous(), v_all[:, :S].contiguous(),
+                bias_all[..., :S].contiguous())
 
     results = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                    torch=torch.__version__, cuda_module=cuda_ext.info(),
-                   shape=dict(B=B, H=H, H_kv=H_kv, D=D, Q=S, K=S, window=w, causal=causal, dtype=args.dtype))
+                   sm90_selected=cuda_ext.uses_sm90(D),
+                   shape=dict(B=B, H=H, H_kv=H_kv, D=D, seqs=args.seq, window=w, causal=causal, dtype=args.dtype))
     rows = []
 
     def record(name, ms, flops=None):
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         results[name] = dict(ms=ms, tflops=tflops)
         rows.append((name, ms, tflops))
-        print(f"  {name:<28} {ms:9.3f} ms" + (f"  {tflops:7.1f} TFLOP/s" if tflops else ""), flush=True)
+        print(f"  {name:<34} {ms:9.3f} ms" + (f"  {tflops:7.1f} TFLOP/s" if tflops else ""), flush=True)
 
     print(f"{results['device']} sm_{''.join(map(str, results['capability']))}, torch {torch.__version__}, "
           f"CUDA module {results['cuda_module']}")
-    print(f"LIST: B={B} H={H} H_kv={H_kv} D={D} Q=K={S} w={w} {args.dtype} causal={causal}")
+    print(f"sm_90a forward selected for D={D} when enabled: {results['sm90_selected']}")
 
-    meta = cuda_ext.list_selection(bias, None, window=w, Q=S, head_dim=D, is_causal=causal)
-    if meta is None:
-        print("this shape does not take the LIST path (window >= K?)", file=sys.stderr)
-        return 2
-    idx, counts = meta
-    flops = 4 * D * _visible_pairs(idx, B, H, S, S, causal)
-    results["visible_pairs"] = flops // (4 * D)
-    record("selection", _bench(lambda: cuda_ext.list_selection(bias, None, window=w, Q=S, head_dim=D,
-                                                                  is_causal=causal)))
+    for S in args.seq:
+        tag = f"T{S // 1024}k" if S % 1024 == 0 else f"T{S}"
+        q, k, v, bias = inputs(S)
+        print(f"{tag} LIST: B={B} H={H} H_kv={H_kv} D={D} Q=K={S} w={w} {args.dtype} causal={causal}")
+        meta = cuda_ext.list_selection(bias, None, window=w, Q=S, head_dim=D, is_causal=causal)
+        if meta is None:
+            print(f"  Q=K={S} does not take the LIST path (window >= K?): skipped", file=sys.stderr)
+            continue
+        idx, counts = meta
+        flops = 4 * D * _visible_pairs(idx, B, H, S, S, causal)
+        results[f"{tag} visible_pairs"] = flops // (4 * D)
+        record(f"{tag} selection", _bench(lambda: cuda_ext.list_selection(bias, None, window=w, Q=S, head_dim=D,
+                                                                          is_causal=causal)))
+        outs = {}
+        for name, on in (("sm90", True), ("sm80", False)):
+            with _Sm90(on):
+                out, lse = cuda_ext.forward(q, k, v, bias, None, is_causal=causal, idx=idx, counts=counts)
+                torch.cuda.synchronize()
+                record(f"{tag} cuda fwd {name}", _bench(lambda: cuda_ext.forward(
+                    q, k, v, bias, None, is_causal=causal, idx=idx, counts=counts, out=out, lse=lse)), flops)
+                outs[name] = (out, lse)
 
-    out, lse = cuda_ext.forward(q, k, v, bias, None, is_causal=causal, idx=idx, counts=counts)
-    torch.cuda.synchronize()
-    record("cuda fwd", _bench(lambda: cuda_ext.forward(q, k, v, bias, None, is_causal=causal, idx=idx,
-                                                       counts=counts, out=out, lse=lse)), flops)
-
-    p = make_problem(q, k, v, bias, None, window=w, topk_scope="global", is_causal=causal)
-    t_out = torch.empty_like(q)
-    t_lse = torch.empty(B, H, S, device=dev, dtype=torch.float32)
-    try:
-        record("triton fwd", _bench(_triton_kernel_launcher(p, q, k, v, bias, t_out, t_lse)), flops)
-    except Exception as exc:  # the launcher reaches into the Triton wrapper's internals
-        print(f"  triton fwd kernel alone: skipped ({type(exc).__name__}: {exc})")
-    record("triton forward()", _bench(lambda: tri.forward(p, q, k, v, bias, None, t_out, t_lse)), flops)
-    torch.cuda.synchronize()
-    results["max_abs_diff_out"] = _diff(out, t_out)
-    results["max_abs_diff_lse"] = _diff(lse, t_lse)
-    results["lse_neginf_rows_cuda"] = int(torch.isneginf(lse).sum().item())
-    results["nan_out_cuda"] = int(torch.isnan(out).sum().item())
-    print(f"  cuda vs triton: max |out diff| {results['max_abs_diff_out']:.3g}, "
-          f"max |lse diff| {results['max_abs_diff_lse']:.3g}, NaN in cuda out: {results['nan_out_cuda']}")
+        p = make_problem(q, k, v, bias, None, window=w, topk_scope="global", is_causal=causal)
+        t_out = torch.empty_like(q)
+        t_lse = torch.empty(B, H, S, device=dev, dtype=torch.float32)
+        try:
+            record(f"{tag} triton fwd", _bench(_triton_kernel_launcher(p, q, k, v, bias, t_out, t_lse)), flops)
+        except Exception as exc:  # the launcher reaches into the Triton wrapper's internals
+            print(f"  triton fwd kernel alone: skipped ({type(exc).__name__}: {exc})")
+        record(f"{tag} triton forward()", _bench(lambda: tri.forward(p, q, k, v, bias, None, t_out, t_lse)), flops)
+        torch.cuda.synchronize()
+        for name, (out, lse) in outs.items():
+            d = dict(max_abs_diff_out_vs_triton=_diff(out, t_out), max_abs_diff_lse_vs_triton=_diff(lse, t_lse),
+                     lse_neginf_rows=int(torch.isneginf(lse).sum().item()), nan_out=int(torch.isnan(out).sum().item()))
+            results[f"{tag} check {name}"] = d
+            print(f"  cuda {name} vs triton: max |out diff| {d['max_abs_diff_out_vs_triton']:.3g}, "
+                  f"max |lse diff| {d['max_abs_diff_lse_vs_triton']:.3g}, NaN in out: {d['nan_out']}")
+        results[f"{tag} max_abs_diff_out_sm90_vs_sm80"] = _diff(outs["sm90"][0], outs["sm80"][0])
+        del outs, t_out, t_lse, q, k, v, bias, idx, counts, meta
 
     if args.dense_seq:
         Sd = args.dense_seq
-        print(f"DENSE: B={B} H={H} H_kv={H_kv} D={D} Q=K={Sd} {args.dtype} causal={causal}, bias (B, H_kv, 1, K)")
-        qd, kd, vd, bd = q[:, :Sd].contiguous(), k[:, :Sd].contiguous(), v[:, :Sd].contiguous(), \
-            bias[..., :Sd].contiguous()
+        tag = f"D{Sd // 1024}k" if Sd % 1024 == 0 else f"D{Sd}"
+        print(f"{tag} DENSE: B={B} H={H} H_kv={H_kv} D={D} Q=K={Sd} {args.dtype} causal={causal}, "
+              "bias (B, H_kv, 1, K)")
+        qd, kd, vd, bd = inputs(Sd)
         pairs = B * H * (Sd * (Sd + 1) // 2 if causal else Sd * Sd)
         dflops = 4 * D * pairs
-        od, ld = cuda_ext.forward(qd, kd, vd, bd, None, is_causal=causal)
-        record("cuda fwd dense", _bench(lambda: cuda_ext.forward(qd, kd, vd, bd, None, is_causal=causal,
-                                                                 out=od, lse=ld)), dflops)
+        douts = {}
+        for name, on in (("sm90", True), ("sm80", False)):
+            with _Sm90(on):
+                od, ld = cuda_ext.forward(qd, kd, vd, bd, None, is_causal=causal)
+                record(f"{tag} cuda fwd dense {name}", _bench(lambda: cuda_ext.forward(
+                    qd, kd, vd, bd, None, is_causal=causal, out=od, lse=ld)), dflops)
+                douts[name] = od
         pd = make_problem(qd, kd, vd, bd, None, is_causal=causal)
         to, tl = torch.empty_like(qd), torch.empty(B, H, Sd, device=dev, dtype=torch.float32)
-        record("triton forward() dense", _bench(lambda: tri.forward(pd, qd, kd, vd, bd, None, to, tl)), dflops)
+        record(f"{tag} triton forward() dense", _bench(lambda: tri.forward(pd, qd, kd, vd, bd, None, to, tl)), dflops)
         torch.cuda.synchronize()
-        results["dense_max_abs_diff_out"] = _diff(od, to)
-        print(f"  cuda vs triton dense: max |out diff| {results['dense_max_abs_diff_out']:.3g}")
+        for name, od in douts.items():
+            results[f"{tag} dense_max_abs_diff_out {name} vs triton"] = _diff(od, to)
+            print(f"  cuda {name} vs triton dense: max |out diff| {_diff(od, to):.3g}")
         qs, ks, vs = (t.transpose(1, 2) for t in (qd, kd.repeat_interleave(H // H_kv, 2),
                                                    vd.repeat_interleave(H // H_kv, 2)))
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        record("torch sdpa dense (no bias)", _bench(lambda: sdpa(qs, ks, vs, is_causal=causal)), dflops)
+        record(f"{tag} torch sdpa dense (no bias)", _bench(lambda: sdpa(qs, ks, vs, is_causal=causal)), dflops)
 
     print("\nsummary (ms, median):")
     for name, ms, tf in rows:
-        print(f"{name:<28} {ms:9.3f}" + (f"  {tf:7.1f} TFLOP/s" if tf else ""))
+        print(f"{name:<34} {ms:9.3f}" + (f"  {tf:7.1f} TFLOP/s" if tf else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

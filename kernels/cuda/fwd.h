@@ -24,5 +24,24 @@ inline bool fwd_per_query(const FwdParams& params) {
 template <DType kDType, int kHeadDim, bool kPerQuery>
 void launch_fwd(const FwdParams& params, cudaStream_t stream);
 
+// The sm_90a (wgmma) forward, fwd_sm90_kernel.cuh: one variant per dtype and head dim of
+// fwd_sm90_head_dim_switch (switch.h), for query-broadcast bias and mask only.
+template <DType kDType, int kHeadDim>
+void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
+// Whether fwd() runs the sm_90a kernel for this head dim and kind of bias/mask on the current
+// device: the build carries sm_90a code for that head dim, the device is compute capability 9.0,
+// the bias and mask are query-broadcast, and the kernel is enabled (set_fwd_sm90_enabled).
+bool fwd_uses_sm90(int head_dim, bool per_query);
+
+// Off by default for now (see fwd.cu: not yet run on a GPU); off sends every call to the sm_80
+// kernel (A/B measurements, a fallback).
+void set_fwd_sm90_enabled(bool enabled);
+bool fwd_sm90_enabled();
+
+// Whether this build carries the sm_90a forward, and for which head dims (text for info()).
+bool fwd_sm90_compiled();
+const char* fwd_sm90_head_dims();
+
 }  // namespace cuda
 }  // namespace dmattn

@@ -1,6 +1,7 @@
 // The CUDA module `dmattn._cuda`: build information, the global-scope key selection on the GPU
 // (compiled from the same selection header as the CPU core, cpp/include/dmattn/selection.h), and
-// the bindings of the attention forward (fwd.h; kernels in fwd_kernel.cuh) and backward (bwd.h;
+// the bindings of the attention forward (fwd.h; kernels in fwd_kernel.cuh and, for sm_90a,
+// fwd_sm90_kernel.cuh) and backward (bwd.h;
 // kernels in bwd_kernel.cuh).
 //
 // `topk_indices` here is one thread per broadcast row with a running top-w heap: exact and simple,
@@ -582,6 +583,8 @@ nb::dict info() {
   int count = 0;
   d["device_count"] = cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
   d["fwd_head_dims"] = std::string(dmattn::cuda::compiled_head_dims());
+  d["fwd_sm90a"] = dmattn::cuda::fwd_sm90_compiled();
+  d["fwd_sm90_head_dims"] = std::string(dmattn::cuda::fwd_sm90_head_dims());
   d["bwd_head_dims"] = std::string(dmattn::cuda::compiled_head_dims());
   return d;
 }
@@ -614,6 +617,13 @@ NB_MODULE(_cuda, m) {
         "(query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled. Deterministic.");
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
+  m.def("set_fwd_sm90_enabled", &dmattn::cuda::set_fwd_sm90_enabled, nb::arg("enabled"),
+        "Lets the forward use its sm_90a (wgmma) kernel where it applies (True) or sends every call to the sm_80\n"
+        "kernel (False, the default until the sm_90a kernel has run on a GPU), for A/B measurements. Process-wide.");
+  m.def("fwd_sm90_enabled", &dmattn::cuda::fwd_sm90_enabled, "Whether set_fwd_sm90_enabled left the sm_90a forward on.");
+  m.def("fwd_uses_sm90", &dmattn::cuda::fwd_uses_sm90, nb::arg("head_dim"), nb::arg("per_query") = false,
+        "Whether a forward call with this head dim (and a per-query bias/mask or not) runs the sm_90a kernel on the\n"
+        "current device: built with sm_90a code for that head dim, compute capability 9.0, enabled.");
   m.def("fwd_block_m", &dmattn::cuda::fwd_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA forward for a head dim (the block size of the LIST counts).");
   m.def("select_plan", &select_plan, nb::arg("rows"), nb::arg("K"), nb::arg("bias_bits"), nb::arg("device"),

@@ -78,6 +78,41 @@ void fwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
   });
 }
 
+// The sm_90a forward: head dims 64 and 128 (when the build has them and sm_90a code), each for
+// float16 and bfloat16 (dtype_switch), query-broadcast bias and mask only: two variants per head
+// dim. DMATTN_HAS_SM90A is defined by CMake when DMATTN_CUDA_ARCHS names a 90a target; CMake then
+// also generates per such head dim one translation unit that includes fwd_sm90_kernel.cuh and
+// expands DMATTN_INSTANTIATE_FWD_SM90. Returns false (without calling f) for any other head dim.
+template <class F>
+bool fwd_sm90_head_dim_switch(int head_dim, F&& f) {
+  switch (head_dim) {
+#if defined(DMATTN_HAS_SM90A) && defined(DMATTN_HAS_HDIM_64)
+    case 64: f(HeadDimTag<64>{}); return true;
+#endif
+#if defined(DMATTN_HAS_SM90A) && defined(DMATTN_HAS_HDIM_128)
+    case 128: f(HeadDimTag<128>{}); return true;
+#endif
+    default: (void)f; return false;
+  }
+}
+
+// The head dims fwd_sm90_head_dim_switch takes, for messages and info().
+inline const char* fwd_sm90_head_dims_string() {
+#ifdef DMATTN_HAS_SM90A
+#if defined(DMATTN_HAS_HDIM_64) && defined(DMATTN_HAS_HDIM_128)
+  return "64, 128";
+#elif defined(DMATTN_HAS_HDIM_64)
+  return "64";
+#elif defined(DMATTN_HAS_HDIM_128)
+  return "128";
+#else
+  return "";
+#endif
+#else
+  return "";
+#endif
+}
+
 // The backward has the same variants as the forward.
 template <class F>
 void bwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
@@ -96,6 +131,13 @@ void bwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
   DMATTN_INSTANTIATE_FWD_ONE(f16, HEAD_DIM, true)   \
   DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, false) \
   DMATTN_INSTANTIATE_FWD_ONE(bf16, HEAD_DIM, true)
+
+// The sm_90a forward (generated only for head dims 64 and 128, see fwd_sm90_head_dim_switch).
+#define DMATTN_INSTANTIATE_FWD_SM90(HEAD_DIM)                                                                   \
+  template void dmattn::cuda::launch_fwd_sm90<dmattn::DType::f16, HEAD_DIM>(const dmattn::cuda::FwdParams&,  \
+                                                                            cudaStream_t);                    \
+  template void dmattn::cuda::launch_fwd_sm90<dmattn::DType::bf16, HEAD_DIM>(const dmattn::cuda::FwdParams&, \
+                                                                             cudaStream_t);
 
 #define DMATTN_INSTANTIATE_BWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                            \
   template void dmattn::cuda::launch_bwd_dq<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>(   \

@@ -29,6 +29,28 @@ constexpr FwdTile fwd_tile(int head_dim) {
   return head_dim <= 64 ? FwdTile{128, 64, 4} : head_dim <= 128 ? FwdTile{128, 32, 4} : FwdTile{64, 32, 4};
 }
 
+struct FwdSm90Tile {
+  int block_m;     // query rows per thread block: 64 per consumer warpgroup
+  int block_n;     // keys per tile (the N of S = Q K^T, the K of O += P V)
+  int warpgroups;  // warpgroups per thread block, stacked along the query rows
+  int stages;      // shared-memory buffers for K and for V (loads of tile t+1 overlap tile t)
+};
+
+// The sm_90a forward (fwd_sm90_kernel.cuh), head dims 64 and 128. Not timed yet: written on a
+// machine without a GPU, so every choice below comes from budgets, not from a measurement.
+// - block_m = 128 as two warpgroups of 64 rows (one wgmma M of 64 each): the same query block as
+//   fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python side
+//   never needs to know which one runs; two warpgroups also share one K/V tile, halving the
+//   shared-memory fill per query row against one warpgroup with 64 rows.
+// - block_n = 128: S is 64 floats per thread and O D / 2 (64 at D = 128), with P as 32 registers,
+//   well under the 255 a thread may hold at 256 threads per block; the wgmma shapes are 64x128x16
+//   (S) and 64xDx16 (O), long enough N for the tensor cores to stay busy. A larger block_n wastes
+//   more of the last (partial) tile of a LIST block: w = 2048 gives ~1024 visible entries per
+//   causal block on average, so 128 loses ~6%.
+// - two stages of K and V: Q (32 KiB) + 2 x (K + V) (128 KiB) = 160 KiB at D = 128 (sm_90 gives a
+//   block up to 227 KiB), one block per SM; at D = 64 half of that.
+constexpr FwdSm90Tile fwd_sm90_tile(int /*head_dim*/) { return FwdSm90Tile{128, 128, 2, 2}; }
+
 struct BwdTile {
   int dq_block_m;    // query rows per dq thread block
   int dq_block_n;    // keys per tile of the dq loop

@@ -50,6 +50,29 @@ def has_forward() -> bool:
     return _cuda is not None and hasattr(_cuda, "fwd")
 
 
+def has_sm90_switch() -> bool:
+    """Whether the module has the sm_90a forward's switch (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "set_fwd_sm90_enabled")
+
+
+def set_sm90_enabled(enabled: bool) -> None:
+    """Lets ``forward`` use the sm_90a (wgmma) kernel where it applies (``True``) or forces the sm_80
+    kernel everywhere (``False``, for now the default: the sm_90a kernel awaits its first GPU run),
+    e.g. for A/B timing. Process-wide."""
+    if has_sm90_switch():
+        _cuda.set_fwd_sm90_enabled(bool(enabled))
+
+
+def sm90_enabled() -> bool:
+    return has_sm90_switch() and bool(_cuda.fwd_sm90_enabled())
+
+
+def uses_sm90(head_dim: int, per_query: bool = False) -> bool:
+    """Whether ``forward`` runs the sm_90a kernel for this head dim on the current device (per_query:
+    a bias or mask that differs between query rows, which stays on the sm_80 kernel)."""
+    return has_sm90_switch() and bool(_cuda.fwd_uses_sm90(head_dim, per_query))
+
+
 def fwd_block_m(head_dim: int) -> int:
     """Query rows per thread block of the CUDA forward: the block size of its LIST counts."""
     return _cuda.fwd_block_m(head_dim)
