@@ -99,6 +99,20 @@ def test_block_counts_are_visible_prefixes(Q, K, block_m, causal):
         assert torch.equal(counts[..., m].long(), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Q, K, w, block_m", [(10, 10, 5, 4), (5, 12, 6, 2), (12, 5, 3, 4), (1, 9, 4, 16),
+                                              (300, 1000, 100, 32), (1000, 700, 257, 128), (70, 70, 70, 16)])
+def test_list_counts_kernel_matches_block_counts(device, Q, K, w, block_m, causal):
+    from dmattn.kernels.triton import topk
+    g = torch.Generator().manual_seed(Q + K + w)
+    bias = torch.randn(2, 3, 1, K, generator=g)
+    mask = torch.rand(2, 3, 1, K, generator=g) < 0.7  # lists padded with the sentinel K
+    idx = sel.selected_lists(bias, mask, w).squeeze(2).to(device)
+    got = topk.list_counts(idx, Q, K, block_m, causal)
+    assert torch.equal(got.cpu(), sel.block_counts(idx, Q, K, block_m, causal).cpu())
+
+
 def test_path_choice():
     assert sel.choose_path(None, 10, True, "visible", True) == sel.DENSE
     assert sel.choose_path(10, 10, False, "visible", True) == sel.DENSE

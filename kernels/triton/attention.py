@@ -50,7 +50,6 @@ _SIZES = ("sbb", "sbh", "sbm", "smb", "smh", "smm", "Q", "K", "H", "GROUP", "HB"
 _LIST = tl.constexpr(LIST)
 _THRESHOLD = tl.constexpr(THRESHOLD)
 _PREFIX = tl.constexpr(PREFIX)
-_COUNT_BLOCK = tl.constexpr(512)  # list entries counted per step (_query_block_keys)
 
 
 # Query blocks (forward, dq) and key tiles (dk/dv) run along the grid's y axis, which CUDA limits to
@@ -238,22 +237,12 @@ def _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBL
         limit = tl.load(Cnt + (row * NBLK + pid_m) * 2)
         full = tl.load(Cnt + (row * NBLK + pid_m) * 2 + 1)
     elif PATH == _LIST:
-        # The list is ascending: the block sees the entries <= its last query's causal limit, and
-        # all its queries the entries <= its first query's. Counted here from the list itself (a
-        # few vector loads of W int32) rather than by a separate pass over every block.
+        limit = tl.load(Cnt + row * NBLK + pid_m)
         if IS_CAUSAL:
-            c_hi = tl.minimum((pid_m + 1) * BLOCK_M, Q) - 1 + off
-            c_lo = pid_m * BLOCK_M + off
+            # The previous block's count: entries <= the causal limit of this block's first query - 1.
+            full = tl.load(Cnt + row * NBLK + pid_m - 1, mask=pid_m > 0, other=0)
         else:
-            c_hi = K - 1
-            c_lo = K - 1
-        limit = tl.full([], 0, tl.int32)
-        full = tl.full([], 0, tl.int32)
-        for s in range(0, W, _COUNT_BLOCK):
-            pos = s + tl.arange(0, _COUNT_BLOCK)
-            e = tl.load(Idx + idx_row + pos, mask=pos < W, other=K)  # padding reads as the sentinel K
-            limit += tl.sum((e <= c_hi).to(tl.int32), 0)
-            full += tl.sum((e <= c_lo).to(tl.int32), 0)
+            full = limit
     elif IS_CAUSAL:
         limit = tl.maximum(tl.minimum(tl.minimum((pid_m + 1) * BLOCK_M, Q) + off, K), 0)
         full = tl.minimum(tl.maximum(pid_m * BLOCK_M + off + 1, 0), limit)
@@ -753,12 +742,13 @@ class _Launch:
     def query_lists(self, block_m: int) -> dict:
         """The key lists the forward and dq kernels walk for query blocks of ``block_m``: Idx, Cnt
         (per selection row and query block), W (entries per list) and NBLK.
-        LIST: the row's list (each block counts the prefix it can see itself); PREFIX: each block's
+        LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's
         alive keys, and in Cnt their count and how many of them lead the list visible to the whole
         block; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if sel.path == LIST:
-            return dict(Idx=sel.idx, Cnt=self.ints, W=sel.idx.shape[-1], NBLK=triton.cdiv(p.Q, block_m))
+            cnt = topk.list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
+            return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
         if sel.path == PREFIX:
             idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
             return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1])

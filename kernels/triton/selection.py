@@ -10,9 +10,9 @@ sees"):
   The selection is one set per selection row (b_s, h_s); it is stored as the selected key indices
   sorted ascending, int32 (B_s, H_s, W), padded with the sentinel K, by the radix select of
   ``topk.py`` (``selected_lists`` below for float64 and as the reference). Kernels gather those keys;
-  causality only cuts a prefix of each list, which the kernels count per query block from the
-  list itself (``block_counts`` is that rule in torch, for tests and the CUDA select's checks).
-  No Q x K tensor is formed.
+  causality only cuts a prefix of each list, counted per query block by ``topk.list_counts``
+  (``block_counts`` is the same rule in torch, for tests and the CUDA select's checks). No Q x K
+  tensor is formed.
 - PREFIX: bias and mask shared by every query, visible scope with causality. One int32 per key,
   ``death`` (B_s, H_s, K): key j is visible to query i iff ``j <= i + K - Q < death_j``; built in
   O(K log K) by ``prefix.py``, which also makes the per-query-block alive lists the kernels gather.

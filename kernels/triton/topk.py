@@ -380,3 +380,41 @@ def select_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
         select_hist_kernel[(rows, C)](bits, m, work, K, W, rows, C, *sizes, PASS=p, CHUNK=chunk, CB=CB, **common)
     select_write_kernel[(rows, C)](bits, m, work, out, K, W, rows, C, *sizes, CHUNK=chunk, CB=CB, **common)
     return out
+
+
+@triton.jit(do_not_specialize=("W", "Q", "K", "NBLK"))
+def list_counts_kernel(Idx, Cnt, W, Q, K, NBLK, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       NB: tl.constexpr, STEPS: tl.constexpr):
+    """Program (row, chunk of NB query blocks): for each block, how many entries of the row's
+    ascending list are <= its last query's causal limit, by a binary search per block (STEPS
+    halvings of [0, W])."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * NB + tl.arange(0, NB)  # [NB]
+    if IS_CAUSAL:
+        c_hi = tl.minimum((blk + 1) * BLOCK_M, Q) - 1 + (K - Q)
+    else:
+        c_hi = tl.zeros([NB], dtype=tl.int32) + (K - 1)
+    lo = tl.zeros([NB], dtype=tl.int32)  # entries before lo are <= c_hi
+    hi = tl.zeros([NB], dtype=tl.int32) + W  # entries from hi on are > c_hi (padding K always is)
+    for _ in range(STEPS):
+        mid = (lo + hi) // 2
+        e = tl.load(Idx + row * W + mid, mask=mid < hi, other=K)
+        right = (mid < hi) & (e <= c_hi)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right | (mid >= hi), hi, mid)
+    tl.store(Cnt + row * NBLK + blk, lo, mask=blk < NBLK)
+
+
+def list_counts(idx: torch.Tensor, Q: int, K: int, block_m: int, is_causal: bool) -> torch.Tensor:
+    """Per (b_s, h_s, query block of ``block_m``): how many entries of the ascending list ``idx``
+    (B_s, H_s, W) int32 the block can see at all, int32 (B_s, H_s, cdiv(Q, block_m)):
+    ``selection.block_counts`` in one launch (that one is several torch ops, which showed in the
+    host time of short calls)."""
+    W = idx.shape[-1]
+    nblk = triton.cdiv(Q, block_m)
+    rows = idx.numel() // W
+    cnt = torch.empty(*idx.shape[:-1], nblk, dtype=torch.int32, device=idx.device)
+    nb = min(256, triton.next_power_of_2(nblk))
+    list_counts_kernel[(rows, triton.cdiv(nblk, nb))](idx, cnt, W, Q, K, nblk, BLOCK_M=block_m,
+                                                      IS_CAUSAL=is_causal, NB=nb, STEPS=W.bit_length())
+    return cnt
