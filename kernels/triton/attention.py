@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import topk
 from .prefix import alive_order, block_lists
-from .selection import LIST, PREFIX, THRESHOLD, make_selection
+from .selection import LIST, PREFIX, THRESHOLD, list_counts, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
 # operand is upcast to float32, and one fixed launch configuration is used.
@@ -747,7 +747,7 @@ class _Launch:
         block; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if sel.path == LIST:
-            cnt = topk.list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
+            cnt = list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
             return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
         if sel.path == PREFIX:
             idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
@@ -806,9 +806,11 @@ def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:
     chunk = triton.cdiv(triton.cdiv(width, nsplit), bn) * bn
     bd = _head_block(p.D)
     rows = p.B * p.H * p.Q
-    part_o = torch.empty(nsplit, rows, bd, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(nsplit, rows, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    # One allocation for the three partials (each allocation shows in the host time of decode).
+    part = torch.empty(nsplit * rows * (bd + 2), dtype=torch.float32, device=q.device)
+    part_o = part[:nsplit * rows * bd].view(nsplit, rows, bd)
+    part_m = part[nsplit * rows * bd:nsplit * rows * (bd + 1)].view(nsplit, rows)
+    part_l = part[nsplit * rows * (bd + 1):].view(nsplit, rows)
     dma_fwd_split_kernel[(nsplit, p.B * p.H_kv)](
         q, a.k, a.v, a.bias, part_o, part_m, part_l, a.sel.idx, *a.strides[:16],
         Q=p.Q, K=p.K, H=p.H, GROUP=group, D=p.D, HB=a.sizes["HB"], SEL_B=a.sizes["SEL_B"], H_S=a.sizes["H_S"],
