@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import topk
 from .prefix import alive_order, block_lists
-from .selection import LIST, PREFIX, THRESHOLD, list_counts, make_selection
+from .selection import LIST, PREFIX, THRESHOLD, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
 # operand is upcast to float32, and one fixed launch configuration is used.
@@ -747,7 +747,7 @@ class _Launch:
         block; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if sel.path == LIST:
-            cnt = list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
+            cnt = topk.list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
             return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
         if sel.path == PREFIX:
             idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)

@@ -10,7 +10,7 @@ sees"):
   The selection is one set per selection row (b_s, h_s); it is stored as the selected key indices
   sorted ascending, int32 (B_s, H_s, W), padded with the sentinel K, by the radix select of
   ``topk.py`` (``selected_lists`` below for float64 and as the reference). Kernels gather those keys;
-  causality only cuts a prefix of each list, counted per query block by ``list_counts``
+  causality only cuts a prefix of each list, counted per query block by ``topk.list_counts``
   (``block_counts`` is the same rule in torch, for tests and the CUDA select's checks). No Q x K
   tensor is formed.
 - PREFIX: bias and mask shared by every query, visible scope with causality. One int32 per key,
@@ -147,40 +147,18 @@ def selected_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int
     return out.scatter_(-1, slot, torch.where(keep, j, K))[..., :W].contiguous()
 
 
-def _compiled_select():
-    """``dmattn.cuda_ext`` when its module carries the CUDA radix select, else None."""
-    from ...cuda_ext import has_select  # the package this directory ships in; imported late (cycle)
-    if not has_select():
-        return None
-    from ... import cuda_ext
-    return cuda_ext
-
-
 def broadcast_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_s: int, H_s: int):
     """The LIST selection of a query-broadcast bias and mask: int32 (B_s, H_s, min(window, K)),
-    ascending, padded with K, exactly what ``selected_lists`` computes.
+    ascending, padded with K. The Triton radix select (topk.py) computes exactly what
+    ``selected_lists`` does; float64 biases take the torch ops.
 
-    On CUDA tensors the compiled radix select (kernels/cuda/select.h) runs when the module was
-    built: the same lists, in less GPU time and about a quarter of the host time of the Triton
-    select (D128k on the H200: 0.044 vs 0.16 ms, 82 vs 360 us of host per call;
-    benchmarks/results/cuda-select-nvidia-h200-2026-11-28.json). Otherwise the Triton radix select
-    (topk.py; also every CPU tensor under the interpreter), and float64 biases take the torch ops."""
-    if bias.is_cuda:
-        compiled = _compiled_select()
-        if compiled is not None:
-            return compiled.select_lists(bias, mask, window, (B_s, H_s))[0]
+    The compiled CUDA select (kernels/cuda/select.h) gives the same lists in less GPU time, but
+    routed through here it did not lower the end-to-end time of short calls on the H200 (T8k and
+    D128k, host-bound: 0.45-0.52 ms against 0.30-0.56 ms for this path, within the host's noise),
+    so the Triton backend keeps its own select and needs no compiled module."""
     if topk.supported(bias):
         return topk.select_lists(bias, mask, window, B_s, H_s)
     return selected_lists(bias, mask, window, (B_s, H_s)).squeeze(2)
-
-
-def list_counts(idx: torch.Tensor, Q: int, K: int, block_m: int, is_causal: bool) -> torch.Tensor:
-    """``block_counts`` for the kernels: the compiled module's one launch on CUDA tensors when it
-    was built (cheaper to call), else ``topk.list_counts``."""
-    compiled = _compiled_select() if idx.is_cuda else None
-    if compiled is not None:
-        return compiled.list_counts(idx, Q=Q, K=K, block_m=block_m, is_causal=is_causal)
-    return topk.list_counts(idx, Q, K, block_m, is_causal)
 
 
 def thresholds(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_s: int, H_s: int, Q: int,

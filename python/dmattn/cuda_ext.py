@@ -45,11 +45,6 @@ def topk_indices(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
     return out
 
 
-def has_select() -> bool:
-    """Whether the module carries the LIST radix select (``select_lists``, ``list_counts``)."""
-    return _cuda is not None and hasattr(_cuda, "select_lists")
-
-
 def has_forward() -> bool:
     """Whether the module carries the attention forward (older builds do not)."""
     return _cuda is not None and hasattr(_cuda, "fwd")
