@@ -12,11 +12,13 @@ from dmattn.problem import make_problem
 
 
 def _probe_problem(device: str, dtype: torch.dtype):
-    """A typical windowed call (GQA, causal, query-broadcast bias) on ``device``, as sizes only."""
+    """A typical windowed call (GQA, causal, query-broadcast bias, global top-k scope, which every
+    GPU backend implements: the visible scope is a feature ``dmattn.explain`` reports per call) on
+    ``device``, as sizes only."""
     q = torch.zeros((), dtype=dtype, device=device).expand(1, 128, 8, 128)
     k = torch.zeros((), dtype=dtype, device=device).expand(1, 128, 2, 128)
     bias = torch.zeros((), dtype=dtype, device=device).expand(1, 2, 1, 128)
-    return make_problem(q, k, k, bias, window=64, is_causal=True)
+    return make_problem(q, k, k, bias, window=64, is_causal=True, topk_scope="global")
 
 
 def report() -> str:
@@ -34,7 +36,8 @@ def report() -> str:
         lines.append(f"cuda device: {torch.cuda.get_device_name()}")
     else:
         lines.append("cuda device: none")
-    lines.append("backends (priority order), for a bf16/fp32 windowed causal GQA call with D=128:")
+    lines.append("backends (priority order), for a bf16/fp32 windowed causal GQA call with D=128 "
+                 "(global top-k scope):")
     for name, b in BACKENDS.items():
         for device in devices:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
