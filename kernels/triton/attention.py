@@ -479,12 +479,14 @@ def dma_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DKDV: tl.constexpr, WRITE_DB: tl.constexpr,
+    BY_POSITION: tl.constexpr,
 ):
     """dk, dv (and the dbias partial, float32 (B, H, K), of a query-broadcast bias) of one tile of
-    keys. Program (tile, p) covers query heads p*N_HEADS .. +N_HEADS-1 of batch p // (H/N_HEADS):
+    keys. Program (p, tile) covers query heads p*N_HEADS .. +N_HEADS-1 of batch p // (H/N_HEADS):
     with N_HEADS = GROUP it owns kv head g outright and writes DK/DV (B, K, H_OUT = H_kv, D); with
-    N_HEADS = 1 (LIST path with one list per query head) it writes float32 per-head partials
-    (B, K, H_OUT = H, D) that the host sums over the group."""
+    N_HEADS = 1 it writes float32 per-head partials that are summed over the group afterwards:
+    (B, K, H_OUT = H, D) by key on the LIST path with one list per query head, or with BY_POSITION
+    (B * H, W, D) by list position when the group shares one list (``dkdv_gather_kernel``)."""
     # Grid (programs per tile, key tiles): every head's tile 0, which under causality meets the
     # most query blocks, is issued first.
     pid_p = tl.program_id(0)
@@ -565,9 +567,38 @@ def dma_bwd_dkdv_kernel(
         if WRITE_DB:
             tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
     if WRITE_DKDV:
-        out_rows = (b * K + offs_n[:, None].to(tl.int64)) * H_OUT + h_out
+        if BY_POSITION:
+            out_rows = pid_p.to(tl.int64) * W + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        else:
+            out_rows = (b * K + offs_n[:, None].to(tl.int64)) * H_OUT + h_out
         tl.store(DK + out_rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out_rows * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=("K", "W", "H", "GROUP", "SEL_B", "H_S"))
+def dkdv_gather_kernel(PartK, PartV, Idx, DK, DV, K, W, H, GROUP, SEL_B, H_S, D: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (batch x kv head, block of list positions): sums the group's float32 per-head
+    partials (B * H, W, D) of ``dma_bwd_dkdv_kernel`` (BY_POSITION) in head order and writes each
+    position's key row of DK/DV (B, K, H_kv, D); padding positions (the sentinel K) are skipped."""
+    pid_bg = tl.program_id(0)
+    H_kv = H // GROUP
+    b = (pid_bg // H_kv).to(tl.int64)
+    g = pid_bg % H_kv
+    row = b * SEL_B + (g * GROUP * H_S // H)  # the selection row the group shares
+    pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
+    keys = tl.load(Idx + row * W + pos, mask=pos < W, other=K)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (keys < K)[:, None] & (offs_d < D)[None, :]
+    acc_k = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for j in range(0, GROUP):
+        rows = (b * H + g * GROUP + j) * W + pos.to(tl.int64)  # [BLOCK_P]
+        acc_k += tl.load(PartK + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+        acc_v += tl.load(PartV + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    out = ((b * K + keys.to(tl.int64)) * H_kv + g)[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, acc_k.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out, acc_v.to(DV.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=_SIZES + ("NSPLIT", "CHUNK"))
@@ -784,6 +815,16 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
         *a.strides, *out.stride(), **a.sizes, **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
 
 
+# dk/dv of a LIST call whose group of query heads shares one list: one program per (query head,
+# tile of the list) writing float32 partials by list position, which dkdv_gather_kernel sums over
+# the group in head order and writes to the keys, instead of one program per (kv head, tile) that
+# loops over the group. That is GROUP times the programs (T32k: 1024 instead of 256, T8k: 512
+# instead of 128, for 132 SMs holding two each), so the heaviest tiles no longer set the time
+# alone, for 2 x B * H * w * D float32 of partials (67 MB at T32k). Not measured yet (the device
+# time of the session that wrote it had run out); it stays off until an A/B on the GPU shows it
+# pays. The tests run both ways.
+SPLIT_GROUP_DKDV = False
+
 # The split (decode) forward takes a kv head's GROUP * Q rows as one tile up to this many rows.
 _SPLIT_ROWS = 64
 
@@ -841,7 +882,8 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
     Extra memory: float32 delta (B, H, Q); for a query-broadcast bias a float32 (B, H, K) dbias
     partial; for a per-query bias a float32 (B, H, Q, K) dS buffer (the one O(Q*K) buffer, only
     when dbias of a per-query bias is wanted); on the LIST path with one list per query head
-    (bias or mask with H heads and H > H_kv), float32 (B, K, H, D) dk/dv partials. The PREFIX path
+    (bias or mask with H heads and H > H_kv), float32 (B, K, H, D) dk/dv partials, and with
+    SPLIT_GROUP_DKDV float32 (2, B * H, w, D) partials by list position otherwise. The PREFIX path
     adds int32 per-block lists of at most w + BLOCK_M keys, (rows, cdiv(Q, BLOCK_M), w + BLOCK_M), and
     the rows' key order (rows, K); the forward needs only the lists.
     """
@@ -876,16 +918,21 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         listed = a.sel.path in (LIST, PREFIX)
         # One list per query head of a group: programs per query head, summed over the group below.
         per_head = listed and a.sel.H_s > p.H_kv
-        n_heads, h_out = (1, p.H) if per_head else (group, p.H_kv)
+        by_position = SPLIT_GROUP_DKDV and a.sel.path == LIST and not per_head and group > 1
+        n_heads, h_out = (1, p.H) if per_head or by_position else (group, p.H_kv)
         if per_head:
             dk_buf = torch.zeros(p.B, p.K, p.H, p.D, dtype=torch.float32, device=dev)
             dv_buf = torch.zeros_like(dk_buf)
         else:
-            dk_buf = dk if dk is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
-            dv_buf = dv if dv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
+            dk_out = dk if dk is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
+            dv_out = dv if dv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
             if listed:  # keys in no list get no gradient, and no program visits them
-                dk_buf.zero_()
-                dv_buf.zero_()
+                dk_out.zero_()
+                dv_out.zero_()
+            dk_buf, dv_buf = dk_out, dv_out
+            if by_position:
+                part = torch.empty(2, p.B * p.H, a.sel.idx.shape[-1], p.D, dtype=torch.float32, device=dev)
+                dk_buf, dv_buf = part[0], part[1]
         # Every (b, h, key) of a contiguous tiling is written; a list leaves the other keys at 0.
         db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
         tiles, n_keys = a.key_tiles()
@@ -895,7 +942,12 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
             a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes, **tiles, N_HEADS=n_heads,
             H_OUT=h_out, **a.scalars,
             BLOCK_M=bm, BLOCK_N=bn, **a.flags, WRITE_DKDV=dk is not None or dv is not None,
-            WRITE_DB=write_db, **cfg)
+            WRITE_DB=write_db, BY_POSITION=by_position, **cfg)
+        if by_position and (dk is not None or dv is not None):
+            width, bp = a.sel.idx.shape[-1], 32 if INTERPRETED else 64
+            dkdv_gather_kernel[(p.B * p.H_kv, triton.cdiv(width, bp))](
+                dk_buf, dv_buf, a.sel.idx, dk_out, dv_out, p.K, width, p.H, group, a.sizes["SEL_B"],
+                a.sizes["H_S"], D=p.D, BLOCK_P=bp, BLOCK_D=_head_block(p.D))
         if per_head:
             for grad, buf in ((dk, dk_buf), (dv, dv_buf)):
                 if grad is not None:
