@@ -114,9 +114,13 @@ def test_list_counts_kernel_matches_block_counts(device, Q, K, w, block_m, causa
 
 
 def test_path_choice():
-    assert sel.choose_path(None, 10, True, "visible", True) == sel.DENSE
-    assert sel.choose_path(10, 10, False, "visible", True) == sel.DENSE
-    assert sel.choose_path(3, 10, True, "global", True) == sel.LIST
-    assert sel.choose_path(3, 10, True, "visible", False) == sel.LIST
-    assert sel.choose_path(3, 10, True, "visible", True) == sel.PREFIX
-    assert sel.choose_path(3, 10, False, "global", False) == sel.THRESHOLD
+    from dmattn.problem import ranks_prefixes
+    assert sel.choose_path(None, 10, True, True) == sel.DENSE
+    assert sel.choose_path(10, 10, False, True) == sel.DENSE
+    assert sel.choose_path(3, 10, True, False) == sel.LIST
+    assert sel.choose_path(3, 10, True, True) == sel.PREFIX
+    assert sel.choose_path(3, 10, False, False) == sel.THRESHOLD
+    assert sel.choose_path(3, 10, False, True) == sel.THRESHOLD
+    # Only the visible scope with causality and several queries ranks per-query prefixes.
+    assert ranks_prefixes("visible", True, 2) and not ranks_prefixes("visible", True, 1)
+    assert not ranks_prefixes("global", True, 2) and not ranks_prefixes("visible", False, 2)

@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from ...problem import ranks_prefixes  # the package this directory ships in
 from . import topk
 from .prefix import _order_keys, death_positions
 
@@ -69,12 +70,14 @@ def compare_dtype(bias_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if bias_dtype == torch.float64 else torch.float32
 
 
-def choose_path(window: Optional[int], K: int, query_broadcast: bool, scope: str, is_causal: bool) -> int:
+def choose_path(window: Optional[int], K: int, query_broadcast: bool, prefixes: bool) -> int:
+    """The path of a call; ``prefixes``: whether queries rank their own causal prefixes
+    (``problem.ranks_prefixes``)."""
     if window is None or window >= K:
         return DENSE
-    if query_broadcast and (scope == "global" or not is_causal):
-        return LIST
-    return PREFIX if query_broadcast else THRESHOLD
+    if query_broadcast:
+        return PREFIX if prefixes else LIST
+    return THRESHOLD
 
 
 def selection_rows(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -184,8 +187,7 @@ def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: 
                    rows: Optional[tuple[int, int]] = None) -> Selection:
     """The metadata of one attention call (``rows`` overrides the selection rows (B_s, H_s))."""
     query_broadcast = all(t is None or t.shape[2] == 1 for t in (bias, mask))
-    # A single query's causal limit is K - 1: every key is a candidate, as in the global scope.
-    path = choose_path(window, K, query_broadcast, scope, is_causal and Q > 1)
+    path = choose_path(window, K, query_broadcast, ranks_prefixes(scope, is_causal, Q))
     if path == DENSE:
         return Selection(DENSE)
     B_s, H_s = rows if rows is not None else selection_rows(bias, mask)

@@ -59,6 +59,11 @@ class Problem:
         return self.window if self.window is not None and self.window < self.K else None
 
     @property
+    def ranks_prefixes(self) -> bool:
+        """Whether each query ranks its own causal prefix of keys (``ranks_prefixes``)."""
+        return ranks_prefixes(self.topk_scope, self.is_causal, self.Q)
+
+    @property
     def query_broadcast(self) -> bool:
         """True when bias and mask are shared by all queries (their Q dimension is 1)."""
         return all(s is None or s[2] == 1 for s in (self.bias_shape, self.mask_shape))
@@ -80,6 +85,14 @@ class Problem:
         if self.is_causal:
             f.add("causal")
         return frozenset(f)
+
+
+def ranks_prefixes(topk_scope: str, is_causal: bool, Q: int) -> bool:
+    """Whether each query ranks only its own causal prefix of keys, so the selection differs
+    between queries even for a query-broadcast bias: the visible scope with causality and more than
+    one query. A single query's causal limit is K - 1 (every key), so it selects exactly what the
+    global scope selects."""
+    return topk_scope == "visible" and is_causal and Q > 1
 
 
 def _check_qkv(query, key, value):

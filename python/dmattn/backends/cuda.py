@@ -58,8 +58,7 @@ class CudaBackend(Backend):
 
     def extra_reasons(self, problem):
         p = problem
-        if (p.effective_window is not None and p.topk_scope == "visible" and p.is_causal and p.Q > 1
-                and p.query_broadcast):
+        if p.effective_window is not None and p.ranks_prefixes and p.query_broadcast:
             return ["does not implement the visible top-k scope with is_causal and Q > 1 (the triton "
                     "backend implements it)"]
         return []
