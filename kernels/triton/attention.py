@@ -217,7 +217,7 @@ def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
 
 
 @triton.jit
-def _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
+def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
     zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
@@ -333,7 +333,7 @@ def dma_fwd_kernel(
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
-    tv, ti, limit, full, idx_row = _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -410,7 +410,7 @@ def dma_bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     lse = lse * LOG2E  # base-2, like the scores
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
-    tv, ti, limit, full, idx_row = _query_block_keys(Idx, TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
