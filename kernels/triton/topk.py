@@ -29,8 +29,9 @@ Two launch plans (``_plan``):
   how many threshold-equal keys they take, and compacts its chunk. KEY_BITS / 8 + 1 launches.
   Temporaries: one int32 workspace of passes * rows * C * 256 + rows * C + passes * rows * 2
   (C <= 32 by default), nothing to zero.
-The plan's constants were chosen without a GPU measurement; benchmarks/triton_select.py times
-every chunk size next to the plan's choice. NaN biases are not expected (SPEC.md): they rank by
+The plan's minimum chunk comes from an H200 sweep (see MIN_CHUNK); MAX_CHUNKS and PROGRAMS_PER_SM
+were not measured. benchmarks/triton_select.py times every chunk size next to the plan's choice.
+NaN biases are not expected (SPEC.md): they rank by
 their bits as in ``selected_lists``, except a negative NaN with every payload bit set, which gets
 key 0 like a masked-out key.
 """
