@@ -128,6 +128,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _base2_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
+    """q.k products to scores in base-2 units (softcap applied), and tanh of the capped scores for
+    the softcap chain rule (0 without softcap)."""
+    if SOFTCAP:
+        t = _tanh(qk * (scale / softcap))
+        s = t * (softcap * LOG2E)
+    else:
+        t = qk * 0.0
+        s = qk * (scale * LOG2E)
+    return s, t
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death,
             off, scale, softcap,
             IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
@@ -142,13 +155,7 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
     row bounds (rows beyond Q are never stored and their P is 0 in the backward). The tests that do
     not follow from position (threshold, a per-query mask) still apply; without them the tile
     needs no select at all, which is most tiles of a causal call."""
-    qk = _dot(q, tl.trans(k), UPCAST)  # [BLOCK_M, BLOCK_N]
-    if SOFTCAP:
-        t = _tanh(qk * (scale / softcap))
-        s = t * (softcap * LOG2E)
-    else:
-        t = qk * 0.0
-        s = qk * (scale * LOG2E)
+    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
     vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
     if IS_CAUSAL and not FULL:
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
@@ -360,6 +367,16 @@ def dma_fwd_kernel(
 
 
 @triton.jit
+def _row_stats(Lse, Delta, bh, Q, offs_m, m_ok):
+    """The backward's per-row inputs of query rows ``offs_m`` of (batch x head) ``bh``: lse in base
+    2, like the scores, and delta. Empty rows (lse -inf) get +inf, so P = exp2(s - lse) is 0
+    without NaN."""
+    lse = tl.load(Lse + bh * Q + offs_m, mask=m_ok, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    return lse, tl.load(Delta + bh * Q + offs_m, mask=m_ok, other=0.0)
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn, svd,
              ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K, scale,
              softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -405,11 +422,7 @@ def dma_bwd_dq_kernel(
     qd_mask = m_ok[:, None] & d_ok[None, :]
     do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_d[None, :] * sdd,
                  mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=float("-inf"))
-    # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    lse = lse * LOG2E  # base-2, like the scores
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Q + offs_m, mask=m_ok, other=0.0)
+    lse, delta = _row_stats(Lse, Delta, pid_bh.to(tl.int64), Q, offs_m, m_ok)
     tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
                                                      BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
@@ -445,10 +458,7 @@ def _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, L
     rows = offs_m[:, None].to(tl.int64)
     q = tl.load(q_base + rows * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(do_base + rows * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    lse = tl.load(Lse + bh * Q + offs_m, mask=m_ok, other=float("-inf"))
-    # Empty rows (lse -inf) must give P = 0: subtracting +inf does that without NaN.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(Delta + bh * Q + offs_m, mask=m_ok, other=0.0)
+    lse, delta = _row_stats(Lse, Delta, bh, Q, offs_m, m_ok)
     tv = tl.zeros([BLOCK_M], dtype=tl.float32)
     ti = tl.zeros([BLOCK_M], dtype=tl.int32)
     if PATH == _THRESHOLD:
@@ -515,10 +525,8 @@ def dma_bwd_dkdv_kernel(
     # rows do not split a kv head's group).
     death = _death(Dth, row0, K, offs_n, n_ok, PATH)
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    k = _kv_rows(Kp + b * skb + g * skh, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
+    v = _kv_rows(Vp + b * svb + g * svh, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, False)
     # The first query that can see any of the tile's keys causally is the one of the smallest key;
     # on the PREFIX path the last one is just below the latest death.
     if IS_CAUSAL:
@@ -640,14 +648,8 @@ def dma_fwd_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(pid_s * CHUNK, end, BLOCK_N):
         offs_n, n_ok = _key_tile(Idx, row * W, start, end, K, BLOCK_N, _LIST)  # [BLOCK_N]
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(Kp + b * skb + g * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        qk = _dot(q, tl.trans(k), UPCAST)  # [BLOCK_M, BLOCK_N]
-        if SOFTCAP:  # base-2 scores, as _scores
-            s = _tanh(qk * (scale / softcap)) * (softcap * LOG2E)
-        else:
-            s = qk * (scale * LOG2E)
+        k = _kv_rows(Kp + b * skb + g * skh, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
+        s, _ = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
         vis = r_ok[:, None] & n_ok[None, :]
         if IS_CAUSAL:
             vis = vis & (offs_n[None, :] <= i[:, None] + off)
@@ -656,8 +658,7 @@ def dma_fwd_split_kernel(
             s = s + braw.to(tl.float32) * LOG2E
         s = tl.where(vis, s, float("-inf"))
         p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
-        v = tl.load(Vp + b * svb + g * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = _kv_rows(Vp + b * svb + g * svh, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, False)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
 
