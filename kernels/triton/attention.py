@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import topk
 from .prefix import alive_order, block_lists
-from .selection import LIST, PREFIX, THRESHOLD, make_selection
+from .selection import DENSE, LIST, PREFIX, THRESHOLD, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
 # operand is upcast to float32, and one fixed launch configuration is used.
@@ -141,6 +141,41 @@ def _base2_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _visibility(offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death, off,
+                IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr, FULL: tl.constexpr):
+    """Which (query, key) pairs of a [BLOCK_M, BLOCK_N] tile are visible, and the bias values it
+    loaded on the way ([BLOCK_M, BLOCK_N] per query, [1, BLOCK_N] shared; 0.0 without bias).
+    FULL: see ``_scores``."""
+    vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
+    if IS_CAUSAL and not FULL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+    if PATH == _PREFIX and not FULL:
+        vis = vis & (death[None, :] > offs_m[:, None] + off)
+    braw = 0.0
+    if HAS_BIAS:
+        if BIAS_PER_QUERY:
+            braw = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                           mask=vis, other=0.0)  # [BLOCK_M, BLOCK_N]
+        elif FULL:
+            braw = tl.load(bias_base + offs_n * sbn)[None, :]  # [1, BLOCK_N]
+        else:
+            braw = tl.load(bias_base + offs_n * sbn, mask=n_ok, other=0.0)[None, :]  # [1, BLOCK_N]
+        if PATH == _THRESHOLD:
+            # The selection compares bias values as given, in float32 (float64 for a float64 bias).
+            bc = braw.to(tv.dtype)
+            vis = vis & ((bc > tv[:, None]) | ((bc == tv[:, None]) & (offs_n[None, :] <= ti[:, None])))
+    # On the LIST and PREFIX paths the mask is query-broadcast and already part of the metadata.
+    if HAS_MASK and PATH != _LIST and PATH != _PREFIX:
+        if MASK_PER_QUERY:
+            allowed = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=vis, other=0)
+        else:
+            allowed = tl.load(mask_base + offs_n * smn, mask=n_ok, other=0)[None, :]
+        vis = vis & (allowed != 0)
+    return vis, braw
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death,
             off, scale, softcap,
             IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
@@ -156,31 +191,10 @@ def _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, sm
     not follow from position (threshold, a per-query mask) still apply; without them the tile
     needs no select at all, which is most tiles of a causal call."""
     s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
-    if IS_CAUSAL and not FULL:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-    if PATH == _PREFIX and not FULL:
-        vis = vis & (death[None, :] > offs_m[:, None] + off)
+    vis, braw = _visibility(offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, death,
+                            off, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, FULL)
     if HAS_BIAS:
-        if BIAS_PER_QUERY:
-            braw = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                           mask=vis, other=0.0)  # [BLOCK_M, BLOCK_N]
-        elif FULL:
-            braw = tl.load(bias_base + offs_n * sbn)[None, :]  # [1, BLOCK_N]
-        else:
-            braw = tl.load(bias_base + offs_n * sbn, mask=n_ok, other=0.0)[None, :]  # [1, BLOCK_N]
         s = s + braw.to(tl.float32) * LOG2E
-        if PATH == _THRESHOLD:
-            # The selection compares bias values as given, in float32 (float64 for a float64 bias).
-            bc = braw.to(tv.dtype)
-            vis = vis & ((bc > tv[:, None]) | ((bc == tv[:, None]) & (offs_n[None, :] <= ti[:, None])))
-    # On the LIST and PREFIX paths the mask is query-broadcast and already part of the metadata.
-    if HAS_MASK and PATH != _LIST and PATH != _PREFIX:
-        if MASK_PER_QUERY:
-            allowed = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=vis, other=0)
-        else:
-            allowed = tl.load(mask_base + offs_n * smn, mask=n_ok, other=0)[None, :]
-        vis = vis & (allowed != 0)
     if (not FULL) or PATH == _THRESHOLD or (HAS_MASK and PATH != _LIST and PATH != _PREFIX):
         s = tl.where(vis, s, float("-inf"))
     return s, t
@@ -199,12 +213,16 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
-def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.constexpr):
+def _key_tile(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, PATH: tl.constexpr, TILES: tl.constexpr):
     """Key indices of the tile starting at ``start`` and which of them are real: list entries
-    (LIST and PREFIX; positions at or beyond ``limit`` and padding read as the sentinel K) or the
-    contiguous keys below ``limit``."""
+    (LIST and PREFIX; positions at or beyond ``limit`` and padding read as the sentinel K), with
+    TILES the contiguous keys of the block's (start / BLOCK_N)-th occupied tile, or the contiguous
+    keys below ``limit``."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    if PATH == _LIST or PATH == _PREFIX:
+    if TILES:
+        offs_n = tl.load(Idx + idx_row + start // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < K
+    elif PATH == _LIST or PATH == _PREFIX:
         offs_n = tl.load(Idx + idx_row + pos, mask=pos < limit, other=K)
         n_ok = offs_n < K
     else:
@@ -224,21 +242,27 @@ def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
 
 
 @triton.jit
-def _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr, TILES: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
     zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
     block can see at all, ``full``, a multiple of BLOCK_N up to which every entry is a real key
     that every query of the block sees by position (tiles below it take the FULL path of
     ``_scores``), and where its list starts in Idx (the row's list of W entries for LIST, the
-    block's own list of W entries for PREFIX)."""
+    block's own list of W entries for PREFIX). With TILES (DENSE or THRESHOLD with a per-query
+    bias or mask) the block's W = cdiv(K, BLOCK_N) tiles, occupied ones first, and their count
+    (``tile_occupancy_kernel``): ``limit`` counts keys of occupied tiles, none of them FULL."""
     tv = tl.zeros([BLOCK_M], dtype=tl.float32)
     ti = tl.zeros([BLOCK_M], dtype=tl.int32)
     if PATH == _THRESHOLD:
         tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))  # [BLOCK_M]
         ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
     idx_row = row * W
-    if PATH == _PREFIX:
+    if TILES:
+        idx_row = (pid_bh * NBLK + pid_m).to(tl.int64) * W
+        limit = tl.load(Cnt + pid_bh * NBLK + pid_m) * BLOCK_N
+        full = limit * 0
+    elif PATH == _PREFIX:
         # The block's own list, which starts with the keys all its queries see (prefix.block_lists).
         idx_row = (row * NBLK + pid_m) * W
         limit = tl.load(Cnt + (row * NBLK + pid_m) * 2)
@@ -311,9 +335,9 @@ def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, sk
               D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
-              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, TILES: tl.constexpr, FULL: tl.constexpr):
     """The forward's step over the key tile at list position (or key) ``start``."""
-    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH, TILES)  # [BLOCK_N]
     death = _death(Dth, row, K, offs_n, n_ok, PATH)
     k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     s, t = _scores(q, k, offs_m, offs_n, m_ok, n_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
@@ -335,13 +359,13 @@ def dma_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, TILES: tl.constexpr,
 ):
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
-                                                     BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off,
+                                                     NBLK, W, BLOCK_M, BLOCK_N, PATH, IS_CAUSAL, TILES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -351,12 +375,12 @@ def dma_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
                                   v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
                                   tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
+                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, True)
     for start in range(full, limit, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
                                   v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
                                   tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, False)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -382,10 +406,11 @@ def _dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, Dth, row, k_bas
              softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
              HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
-             SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DS: tl.constexpr, FULL: tl.constexpr):
+             SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DS: tl.constexpr, TILES: tl.constexpr,
+             FULL: tl.constexpr):
     """The dq kernel's step over the key tile at list position (or key) ``start``; ``lse2`` is the
     rows' lse in base 2 (+inf for empty rows)."""
-    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    offs_n, n_ok = _key_tile(Idx, idx_row, start, limit, K, BLOCK_N, PATH, TILES)  # [BLOCK_N]
     death = _death(Dth, row, K, offs_n, n_ok, PATH)
     k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
@@ -413,6 +438,7 @@ def dma_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_DS: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """dq of one query block; with WRITE_DS also dS per element into the float32 (B, H, Q, K)
     buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias."""
@@ -423,8 +449,8 @@ def dma_bwd_dq_kernel(
     do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_d[None, :] * sdd,
                  mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     lse, delta = _row_stats(Lse, Delta, pid_bh.to(tl.int64), Q, offs_m, m_ok)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W,
-                                                     BLOCK_M, BLOCK_N, PATH, IS_CAUSAL)
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off,
+                                                     NBLK, W, BLOCK_M, BLOCK_N, PATH, IS_CAUSAL, TILES)
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -432,12 +458,12 @@ def dma_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
                       svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
                       scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
-                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, True)
+                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, True)
     for start in range(full, limit, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
                       svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
                       scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
-                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, False)
+                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, False)
     if WRITE_DQ:
         # DQ is contiguous (B, Q, H, D).
         tl.store(DQ + ((b * Q + offs_m[:, None].to(tl.int64)) * H + h) * D + offs_d[None, :],
@@ -489,7 +515,7 @@ def dma_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DKDV: tl.constexpr, WRITE_DB: tl.constexpr,
-    BY_POSITION: tl.constexpr,
+    BY_POSITION: tl.constexpr, TILES: tl.constexpr,
 ):
     """dk, dv (and the dbias partial, float32 (B, H, K), of a query-broadcast bias) of one tile of
     keys. Program (p, tile) covers query heads p*N_HEADS .. +N_HEADS-1 of batch p // (H/N_HEADS):
@@ -520,7 +546,7 @@ def dma_bwd_dkdv_kernel(
     else:
         n_limit = K
         idx_row = 0
-    offs_n, n_ok = _key_tile(Idx, idx_row, pid_n * BLOCK_N, n_limit, K, BLOCK_N, PATH)  # [BLOCK_N]
+    offs_n, n_ok = _key_tile(Idx, idx_row, pid_n * BLOCK_N, n_limit, K, BLOCK_N, PATH, False)  # [BLOCK_N]
     # Every query head of the program shares row0's selection (N_HEADS > 1 only when the selection
     # rows do not split a kv head's group).
     death = _death(Dth, row0, K, offs_n, n_ok, PATH)
@@ -562,16 +588,27 @@ def dma_bwd_dkdv_kernel(
         q_base = Qp + b * sqb + h.to(tl.int64) * sqh
         do_base = DO + b * sdb + h.to(tl.int64) * sdh
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(m_lo, m_full, BLOCK_M):
-            dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta, bh,
-                                    TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base, smm,
-                                    smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                    BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
-        for start_m in range(m_full, m_hi, BLOCK_M):
-            dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta, bh,
-                                    TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base, smm,
-                                    smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                    BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
+        if TILES:
+            # Only the query blocks whose block x tile pair holds a visible pair (W of them per
+            # tile, occupied first; tile_occupancy_kernel), all tested.
+            at = bh * tl.cdiv(K, BLOCK_N) + pid_n
+            for i in range(0, tl.load(Cnt + at)):
+                start_m = tl.load(Idx + at * W + i) * BLOCK_M
+                dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
+                                        bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
+                                        smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+        else:
+            for start_m in range(m_lo, m_full, BLOCK_M):
+                dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
+                                        bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
+                                        smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+            for start_m in range(m_full, m_hi, BLOCK_M):
+                dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
+                                        bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
+                                        smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
         if WRITE_DB:
             tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
     if WRITE_DKDV:
@@ -607,6 +644,38 @@ def dkdv_gather_kernel(PartK, PartV, Idx, DK, DV, K, W, H, GROUP, SEL_B, H_S, D:
     out = ((b * K + keys.to(tl.int64)) * H_kv + g)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, acc_k.to(DK.dtype.element_ty), mask=ok)
     tl.store(DV + out, acc_v.to(DV.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=_SIZES + ("NT",))
+def tile_occupancy_kernel(Bp, Mp, TV, TI, Occ, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                          Q, K, H, HB, HM, SEL_B, H_S, NT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
+                          HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr):
+    """Program (batch x head, query block): for each of the NT key tiles, whether any of its
+    (query, key) pairs is visible (the kernels' own test: causality, per-query mask, threshold),
+    int8 into Occ (B * H, query blocks, NT). One pass over a per-query bias or mask; the attention
+    kernels then visit only occupied tiles (TILES)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    off = K - Q
+    row = (b * SEL_B + h * H_S // H).to(tl.int64)
+    bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
+    mask_base = Mp + b * smb + (h * HM // H).to(tl.int64) * smh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_ok = offs_m < Q
+    tv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ti = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if PATH == _THRESHOLD:
+        tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
+        ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
+    out = Occ + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m) * NT
+    for t in range(0, NT):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        vis, _ = _visibility(offs_m, offs_n, m_ok, offs_n < K, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
+                             offs_n, off, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, False)
+        tl.store(out + t, tl.max(tl.max(vis.to(tl.int8), 1), 0))
 
 
 @triton.jit(do_not_specialize=_SIZES + ("NSPLIT", "CHUNK"))
@@ -647,7 +716,7 @@ def dma_fwd_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(pid_s * CHUNK, end, BLOCK_N):
-        offs_n, n_ok = _key_tile(Idx, row * W, start, end, K, BLOCK_N, _LIST)  # [BLOCK_N]
+        offs_n, n_ok = _key_tile(Idx, row * W, start, end, K, BLOCK_N, _LIST, False)  # [BLOCK_N]
         k = _kv_rows(Kp + b * skb + g * skh, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
         s, _ = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
         vis = r_ok[:, None] & n_ok[None, :]
@@ -742,6 +811,13 @@ def _placeholders(dev: torch.device):
     return _PLACEHOLDERS[dev]
 
 
+def _occupied_first(occ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along the last dim of an int8 occupancy: the indices, occupied ones first in ascending
+    order (a stable sort), int32, and how many are occupied, int32."""
+    order = torch.sort(occ, dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    return order, occ.sum(-1, dtype=torch.int32).contiguous()
+
+
 class _Launch:
     """The arguments every kernel shares for one call: tensors or placeholders, strides, sizes,
     the selection metadata and the compile-time flags."""
@@ -769,15 +845,42 @@ class _Launch:
                           BIAS_PER_QUERY=bias is not None and bias.shape[2] > 1, HAS_MASK=mask is not None,
                           MASK_PER_QUERY=mask is not None and mask.shape[2] > 1, PATH=sel.path,
                           SOFTCAP=p.softcap is not None, UPCAST=INTERPRETED)
+        # A per-query (4-D) mask, or a window over a per-query bias or mask: the kernels visit only
+        # the tiles that hold a visible pair (tile_occupancy_kernel), not every causal tile.
+        self.flags["TILES"] = sel.path == THRESHOLD or (sel.path == DENSE and self.flags["MASK_PER_QUERY"])
         self.scalars = dict(scale=p.scale, softcap=p.softcap or 1.0)
+        self._occupancy = {}
 
-    def query_lists(self, block_m: int) -> dict:
+    def occupancy(self, block_m: int, block_n: int) -> torch.Tensor:
+        """int8 (B * H, cdiv(Q, block_m), cdiv(K, block_n)): whether each query block x key tile
+        holds a visible pair (TILES calls only; one pass over the bias/mask per tiling, cached)."""
+        key = (block_m, block_n)
+        if key not in self._occupancy:
+            p = self.p
+            nblk, nt = triton.cdiv(p.Q, block_m), triton.cdiv(p.K, block_n)
+            occ = torch.empty(p.B * p.H, nblk, nt, dtype=torch.int8, device=self.q.device)
+            f = self.flags
+            tile_occupancy_kernel[(p.B * p.H, nblk)](
+                self.bias, self.mask, self.tv, self.ti, occ, *self.strides[12:], p.Q, p.K, p.H,
+                self.sizes["HB"], self.sizes["HM"], self.sizes["SEL_B"], self.sizes["H_S"], nt,
+                BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=f["IS_CAUSAL"], HAS_BIAS=f["HAS_BIAS"],
+                BIAS_PER_QUERY=f["BIAS_PER_QUERY"], HAS_MASK=f["HAS_MASK"], MASK_PER_QUERY=f["MASK_PER_QUERY"],
+                PATH=f["PATH"])
+            self._occupancy[key] = occ
+        return self._occupancy[key]
+
+
+    def query_lists(self, block_m: int, block_n: int) -> dict:
         """The key lists the forward and dq kernels walk for query blocks of ``block_m``: Idx, Cnt
         (per selection row and query block), W (entries per list) and NBLK.
         LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's
         alive keys, and in Cnt their count and how many of them lead the list visible to the whole
-        block; placeholders on the other paths."""
+        block; TILES: per (batch x head, query block) its key tiles of ``block_n``, occupied first,
+        and how many are occupied; placeholders on the other paths."""
         p, sel = self.p, self.sel
+        if self.flags["TILES"]:
+            order, cnt = _occupied_first(self.occupancy(block_m, block_n))
+            return dict(Idx=order, Cnt=cnt, W=order.shape[-1], NBLK=order.shape[1])
         if sel.path == LIST:
             cnt = topk.list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
             return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
@@ -786,11 +889,15 @@ class _Launch:
             return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1])
         return dict(Idx=self.ints, Cnt=self.ints, W=0, NBLK=1)
 
-    def key_tiles(self) -> dict:
+    def key_tiles(self, block_m: int, block_n: int) -> dict:
         """The keys the dk/dv kernel tiles: Idx, Cnt, W, and how many keys to cover (n_keys).
         LIST: the row's list; PREFIX: the row's ever-alive keys by death (Cnt: how many per row);
-        contiguous keys otherwise."""
+        contiguous keys otherwise, with TILES per (batch x head, key tile of ``block_n``) its query
+        blocks of ``block_m``, occupied first, and how many are occupied."""
         p, sel = self.p, self.sel
+        if self.flags["TILES"]:
+            order, cnt = _occupied_first(self.occupancy(block_m, block_n).transpose(1, 2))
+            return dict(Idx=order, Cnt=cnt, W=order.shape[-1]), p.K
         if sel.path == LIST:
             return dict(Idx=sel.idx, Cnt=self.ints, W=sel.idx.shape[-1]), sel.idx.shape[-1]
         if sel.path == PREFIX:
@@ -809,7 +916,7 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
         return
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    lists = a.query_lists(bm)
+    lists = a.query_lists(bm, bn)
     grid = (p.B * p.H, triton.cdiv(p.Q, bm))
     dma_fwd_kernel[grid](
         q, k, v, a.bias, a.mask, out, lse, lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death,
@@ -903,7 +1010,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         cfg = launch_config(p.D, q.element_size(), "dq")
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
-        lists = a.query_lists(bm)
+        lists = a.query_lists(bm, bn)
         dma_bwd_dq_kernel[(p.B * p.H, triton.cdiv(p.Q, bm))](
             q, k, v, a.bias, a.mask, dout, lse, delta, dq if dq is not None else delta, ds,
             lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes,
@@ -936,7 +1043,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
                 dk_buf, dv_buf = part[0], part[1]
         # Every (b, h, key) of a contiguous tiling is written; a list leaves the other keys at 0.
         db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
-        tiles, n_keys = a.key_tiles()
+        tiles, n_keys = a.key_tiles(bm, bn)
         grid = (p.B * p.H // n_heads, triton.cdiv(n_keys, bn))
         dma_bwd_dkdv_kernel[grid](
             q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, tiles.pop("Idx"), tiles.pop("Cnt"),
