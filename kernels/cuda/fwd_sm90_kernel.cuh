@@ -193,7 +193,8 @@ __device__ __forceinline__ void gemm_done(TC& tC) {
 }
 
 // Shared memory written by plain stores (the generic proxy) and read next by wgmma (the async
-// proxy) needs this fence between the two. The producer issues it after its zero-fill stores; the
+// proxy) needs this fence between the two. The producer issues it after its zero-fill stores (the
+// only plain stores of K/V: sKey/sBias are read by plain loads, the mbarrier orders those); the
 // consumers issue it after each "full" wait, so the cp.async writes they have just acquired are
 // ordered before their wgmma reads as well (CUTLASS's cp.async + wgmma mainloops rely on the
 // mbarrier alone; the fence costs a few cycles per tile and removes the question).
@@ -327,7 +328,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       Tensor tKs = tKsK(_, _, _, stage);
       fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
       meta.store(tKVc, keys, meta_writer, sKey + stage * kBlockN, sBias + stage * kBlockN);
-      fence_generic_to_async_smem();  // the zero-filled rows of missing keys are plain stores
+      // Rows of missing keys (the tail of the last tile) are zero-filled with plain stores, which
+      // wgmma reads through the async proxy. Only those threads fence: the fence is a MEMBAR, and
+      // the other tiles should not pay for it behind their in-flight copies.
+      bool zero_rows = false;
+      CUTE_UNROLL
+      for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
+      if (zero_rows) fence_generic_to_async_smem();
       // Two arrivals count as one: the plain one now (releasing sKey/sBias), the cp.async one when
       // this thread's copies have landed.
       cutlass::arch::cpasync_barrier_arrive(full_k + stage);
@@ -336,7 +343,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       Barrier::wait(empty_v + stage, empty_parity);
       Tensor tVs = tVsV(_, _, _, stage);
       fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
-      fence_generic_to_async_smem();
+      if (zero_rows) fence_generic_to_async_smem();
       cutlass::arch::cpasync_barrier_arrive(full_v + stage);
       Barrier::arrive(full_v + stage);
 
