@@ -14,9 +14,9 @@
 //   publishes each key's index and query-broadcast bias in sKey/sBias, and signals "K full" and
 //   "V full" on one mbarrier each per stage (cp.async.mbarrier.arrive: the barrier completes when the
 //   copies have landed, without the producer waiting for them). It waits on "K empty" / "V empty"
-//   before reusing a stage. It keeps 56 registers (setmaxnreg) and hands the rest to the consumers.
+//   before reusing a stage. It keeps 40 registers (setmaxnreg) and hands the rest to the consumers.
 // - warpgroups 1 and 2, the consumers: rows 0..63 and 64..127 (tiles.h, fwd_sm90_tile, says why two),
-//   224 registers each. Per key tile t:
+//   232 registers each. Per key tile t:
 //     S(t) = Q K(t)^T    wgmma SS: Q and K from shared memory (K-major, 128-byte swizzle)
 //     O += P(t-1) V(t-1) wgmma RS: P in registers (the S accumulator converted in place to the A
 //                        operand layout), V from shared memory read as an MN-major B operand
@@ -75,11 +75,16 @@ struct Sm90Traits {
   // (__launch_bounds__(384, 1)); the producer drops to kProducerRegs and the consumers take what it
   // frees. The consumers hold O (D / 2 floats), S (block_n / 2 floats) and P (block_n / 4 32-bit
   // registers) at once: 160 at D = 128, block_n = 128, plus the softmax state and addresses.
-  // ptxas -v (nvcc 13, sm_90a): no spills at 56 / 224; at 40 / 232 the producer spilled ~50 bytes
-  // (its key indices and bias values of 8 rows per tile).
-  static constexpr int kProducerRegs = 56;
-  static constexpr int kConsumerRegs = 224;
-  static_assert(kProducerRegs * kProducerThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
+  // ptxas -v (nvcc 13, sm_90a): no spills at 40 / 232, once the producer keeps one metadata row
+  // per thread (not 8) and the consumers read the score columns' keys in chunks (see scores); with
+  // 56 / 224 the consumers spilled.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  // setmaxnreg.inc draws from the registers the block was launched with (168 x 384 = 64512), not
+  // from the whole register file.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs * kProducerThreads + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kThreads,
+                "the consumers take only what the producer gives back");
   static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
 
   using WarpgroupLayout = Layout<Shape<Int<kWarpgroups>, _1, _1>>;
@@ -313,21 +318,37 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     Tensor tVsV = gthr.partition_D(sV);
     Tensor tKVc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     static_assert(decltype(size<1>(tKsK))::value == kLoadRows, "copy partition and key rows agree");
-    const bool meta_writer = get<1>(tKVc(0, 0, 0)) == 0;
+    static_assert(kBlockN == Traits::kProducerThreads, "one metadata row per producer thread");
 
     int keys[kLoadRows];
     fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
     for (int t = 0; t < n_tiles; ++t) {
       const int stage = t % kStages;
       const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
-      // The bias and mask loads fly while the stage is still in use.
-      fwd_impl::KeyMeta<kLoadRows> meta;
-      meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
+      // This thread's metadata row (one key row per producer thread, not the copy partition's 8:
+      // their bias values and mask bits would not fit in the producer's registers). Its loads fly
+      // while the stage is still in use.
+      int meta_key = -1;
+      float meta_bias = 0.f;
+      {
+        const int pos = t * kBlockN + tidx;
+        if (pos < limit) {
+          meta_key = list != nullptr ? __ldg(list + pos) : pos;
+          if (meta_key < 0 || meta_key >= p.K) meta_key = -1;
+        }
+        if (meta_key >= 0) {
+          if (bias_per_key) {
+            meta_bias = fwd_impl::load_float(p.bias, p.bias_dtype, bias_base + meta_key * p.bias_stride[3]);
+          }
+          if (mask_per_key && __ldg(p.mask + mask_base + meta_key * p.mask_stride[3]) == 0) meta_key = -1;
+        }
+      }
 
       Barrier::wait(empty_k + stage, empty_parity);
       Tensor tKs = tKsK(_, _, _, stage);
       fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
-      meta.store(tKVc, keys, meta_writer, sKey + stage * kBlockN, sBias + stage * kBlockN);
+      sKey[stage * kBlockN + tidx] = meta_key;
+      sBias[stage * kBlockN + tidx] = meta_bias;
       // Rows of missing keys (the tail of the last tile) are zero-filled with plain stores, which
       // wgmma reads through the async proxy. Only those threads fence: the fence is a MEMBAR, and
       // the other tiles should not pay for it behind their in-flight copies.
@@ -335,8 +356,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       CUTE_UNROLL
       for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
       if (zero_rows) fence_generic_to_async_smem();
-      // Two arrivals count as one: the plain one now (releasing sKey/sBias), the cp.async one when
-      // this thread's copies have landed.
+      // The barrier counts the plain arrival (which also releases sKey/sBias); the cp.async one adds
+      // a pending arrival now and performs it when this thread's copies have landed, so the phase
+      // cannot complete before they have (CUTLASS's PipelineAsync does the same).
       cutlass::arch::cpasync_barrier_arrive(full_k + stage);
       Barrier::arrive(full_k + stage);
 
@@ -418,6 +440,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   const float softcap = p.softcap;
   const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
 
+  // This warpgroup's rows are m0 + 64 wg .. + 63 (the wgmma M of each warpgroup); the earliest of
+  // them sees keys up to wg_last_key.
+  const int wg_row0 = m0 + 64 * wg;
+  const bool interior_ok = p.mask == nullptr && wg_row0 + 63 < p.Q;
+  const int wg_last_key = p.causal ? wg_row0 + off : p.K - 1;
+
   // Scores of the tile in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
   // visible.
   auto scores = [&](int stage) {
@@ -430,18 +458,52 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     }
     const int* stage_key = sKey + stage * kBlockN;
     const float* stage_bias = sBias + stage * kBlockN;
+    // Interior tile: every key present and visible to every row of this warpgroup, so only the bias
+    // is added (the per-element test is about a third of the softmax's instructions, and the
+    // softmax has to fit under the other warpgroup's GEMMs). Keys of a tile are ascending (LIST
+    // lists are sorted, DENSE keys consecutive), so its first and last key bound all of them; a
+    // key mask can drop keys in between, so with a mask every tile takes the full test.
+    const int first_key = stage_key[0];
+    const int last_tile_key = stage_key[kBlockN - 1];
+    // Columns go in chunks of 8 whose sKey/sBias reads may not move above the previous chunk (the
+    // empty asm with a memory clobber): hoisting all of them costs 64 registers that the consumers,
+    // holding S, P and O at once, do not have (ptxas spilled).
+    constexpr int kChunk = 8;
+    static_assert(kCols % kChunk == 0, "whole chunks of columns");
+    if (interior_ok && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
+      CUTE_UNROLL
+      for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+        CUTE_UNROLL
+        for (int ni = n0; ni < n0 + kChunk; ++ni) {
+          const float bias = stage_bias[get<1>(c_rc(0, ni))];
+          CUTE_UNROLL
+          for (int mi = 0; mi < kRows; ++mi) s_rc(mi, ni) += bias;
+        }
+        asm volatile("" ::: "memory");
+      }
+      return;
+    }
+    int last_key[kRows];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const int row = m0 + get<0>(c_rc(mi, 0));
-      const bool row_ok = row < p.Q;
-      const int last_key = p.causal ? row + off : p.K;
+      // A row past Q sees nothing (its results are not stored either; this keeps them finite).
+      last_key[mi] = row >= p.Q ? -1 : p.causal ? row + off : p.K;
+    }
+    CUTE_UNROLL
+    for (int n0 = 0; n0 < kCols; n0 += kChunk) {
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
+      for (int ni = n0; ni < n0 + kChunk; ++ni) {
         const int c = get<1>(c_rc(0, ni));
         const int key = stage_key[c];
-        const bool visible = row_ok && key >= 0 && key <= last_key;
-        s_rc(mi, ni) = visible ? s_rc(mi, ni) + stage_bias[c] : -INFINITY;
+        const float bias = stage_bias[c];
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const bool visible = key >= 0 && key <= last_key[mi];
+          s_rc(mi, ni) = visible ? s_rc(mi, ni) + bias : -INFINITY;
+        }
       }
+      asm volatile("" ::: "memory");
     }
   };
 

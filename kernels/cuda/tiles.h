@@ -48,7 +48,7 @@ struct FwdSm90Tile {
 //   shared-memory fill per query row against one warpgroup with 64 rows, and they take turns on the
 //   tensor cores (one's softmax under the other's GEMMs).
 // - block_n = 128 (FlashAttention-3's causal D = 128 tile): the consumers hold O (D / 2 floats), S
-//   (64 floats) and the previous tile's P (32 registers) at once, which fits the 224 registers
+//   (64 floats) and the previous tile's P (32 registers) at once, which fits the 232 registers
 //   setmaxnreg gives them (ptxas: no spills); the wgmma shapes are 64x128x16 (S) and 64xDx16 (O). A
 //   larger block_n wastes more of the last (partial) tile of a LIST block: w = 2048 gives ~1024
 //   visible entries per causal block on average, so 128 loses ~6%.
