@@ -174,6 +174,23 @@ def test_list_longer_sequence(D, sm90):
            torch.bfloat16, path="list")
 
 
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", SM90_HEAD_DIMS)
+def test_dense_longer_sequence(D, causal, softcap, sm90):
+    # 2100 keys: 17 tiles, the last partial. The producer's full/empty mbarriers of every stage
+    # (2 at D = 128, 4 at D = 64) go through several phases of both parities, and the consumer
+    # warpgroups hand the turn to each other 18 times per block.
+    _check(Case(B=1, Q=2100, K=2100, H=4, H_kv=2, D=D, causal=causal, softcap=softcap), torch.bfloat16)
+
+
+@pytest.mark.parametrize("D", SM90_HEAD_DIMS)
+def test_many_blocks_per_sm(D, sm90):
+    # More thread blocks than an H200 runs at once (one per SM), with blocks of 1 to 9 tiles: every
+    # block sets up its own barriers, and no state of the previous block on that SM may leak in.
+    _check(Case(B=4, Q=1100, K=1100, H=16, H_kv=4, D=D, causal=True), torch.float16)
+
+
 def test_strided_kv(sm90):
     """k and v as slices of one packed tensor (row stride 2 * H_kv * D), read in place."""
     case = Case(B=2, Q=65, K=180, H=4, H_kv=2, D=64, causal=True)

@@ -1,4 +1,6 @@
-// The forward of dynamic mask attention for sm_90a (Hopper), with warpgroup MMA (wgmma).
+// The forward of dynamic mask attention for sm_90a (Hopper), with warpgroup MMA (wgmma), organised
+// the FlashAttention-3 way: a producer warpgroup gathers K and V while two consumer warpgroups
+// overlap their matrix products with their softmax.
 //
 // Same contract as fwd_kernel.cuh (same FwdParams, same LIST counts per 128-row query block, same
 // results up to rounding) for the calls fwd.cu sends here: head dims 64 and 128, float16 and
@@ -6,29 +8,37 @@
 // broadcast over the query rows. A per-query bias or mask stays on the sm_80 kernel (its per-element
 // gathers would cost this kernel registers that the common case should not pay for).
 //
-// One thread block = two consumer warpgroups (256 threads) owning 128 query rows of one (batch,
-// head); warpgroup w computes rows 64w .. 64w+63 (tiles.h, fwd_sm90_tile, says why two). Per tile
-// of block_n keys:
-//   S = Q K^T       wgmma SS: Q and K from shared memory (K-major, 128-byte swizzle)
-//   scores          scale or softcap, the query-broadcast bias, -inf where the key is not visible
-//   online softmax  in registers, rows reduced over the 4 threads of a quad (as on sm_80)
-//   O += P V        wgmma RS: P from registers (the S accumulator converted in place to the A
-//                   operand layout), V from shared memory read as an MN-major B operand
-// K/V rows are gathered row by row through the key list (LIST) or taken contiguously (DENSE), so
-// tensor-memory-access (TMA) tile loads do not apply: every thread issues 16-byte cp.async copies
-// into the swizzled layouts that wgmma reads. Two shared-memory stages: the copies of tile t+1 are
-// issued right after the barrier that opens tile t, so they overlap both GEMMs and the softmax of t.
-// The key indices of t+1 are read from the list one tile earlier still, so the copies never wait
-// on that load.
+// One thread block = 3 warpgroups (384 threads) owning 128 query rows of one (batch, head):
+// - warpgroup 0, the producer: walks the block's key tiles and, per tile, gathers the K rows and the
+//   V rows with 16-byte cp.async (rows come through the key list, so TMA tile loads do not apply),
+//   publishes each key's index and query-broadcast bias in sKey/sBias, and signals "K full" and
+//   "V full" on one mbarrier each per stage (cp.async.mbarrier.arrive: the barrier completes when the
+//   copies have landed, without the producer waiting for them). It waits on "K empty" / "V empty"
+//   before reusing a stage. It keeps 40 registers (setmaxnreg) and hands the rest to the consumers.
+// - warpgroups 1 and 2, the consumers: rows 0..63 and 64..127 (tiles.h, fwd_sm90_tile, says why two),
+//   232 registers each. Per key tile t:
+//     S(t) = Q K(t)^T    wgmma SS: Q and K from shared memory (K-major, 128-byte swizzle)
+//     O += P(t-1) V(t-1) wgmma RS: P in registers (the S accumulator converted in place to the A
+//                        operand layout), V from shared memory read as an MN-major B operand
+//   both issued back to back and not waited for; then wait for S(t) only, and compute its scores
+//   (scale or softcap, bias, -inf where not visible) and online softmax while O += P(t-1) V(t-1)
+//   still runs on the tensor cores (intra-warpgroup overlap). O's rescale by the new row max is
+//   applied just before the next O += P V is issued, so it never touches an accumulator in flight.
+//   The two consumers also take turns to issue their GEMMs (two named barriers, FlashAttention-3's
+//   "ping-pong"): while one computes its softmax the other's GEMMs run, so the tensor cores see the
+//   GEMMs of both warpgroups back to back instead of both warpgroups' softmax at the same time.
+// K and V have separate barriers so that a K stage is handed back as soon as S(t) and its masking
+// are done, a whole GEMM earlier than V's: the producer's next K gather starts that much sooner.
 //
-// Status: passes tests/test_cuda_fwd_sm90.py (152 cases against the float64 reference) and
-// compute-sanitizer memcheck on an H200, but runs slower than the sm_80 kernel (T32k 4.07 against
-// 2.76 ms), so fwd.cu keeps it off by default. Written on a machine without a GPU: it compiles for
-// sm_80, sm_90a and compute_90, its SASS holds HGMMA and no HMMA (`cuobjdump -sass _cuda*.so`: 16 HGMMA per variant
-// at D = 128, 8 k-blocks of 64x128x16 for S and 8 for O; 12 at D = 64, 4 for S and 8 of 64x64x16
-// for O), ptxas reports 250-255 registers and no spills, and the register and shared-memory layouts
-// (accumulator rows/columns, P as the RS A operand, V read transposed, each warpgroup's Q rows)
-// were checked on the host against the wgmma atom layouts.
+// Status: UNVERIFIED ON A GPU. This structure was written on a machine without one (the previous,
+// simpler version of this kernel passed tests/test_cuda_fwd_sm90.py and memcheck on an H200 and was
+// slower than the sm_80 kernel). It compiles for sm_80, sm_90a and compute_90 (nvcc 13): 168
+// registers at launch, setmaxnreg 40 / 232, no spills, no wgmma serialisation warning; the SASS
+// holds 32 HGMMA per variant at D = 128 (8 for S of the peeled first tile, 8 for S and 8 for O in
+// the loop, 8 for the last O) and 24 at D = 64, and no HMMA; shared memory 163 KiB (D = 128) and
+// 149 KiB (D = 64). The MMA, P-as-A-operand, V-transposed and producer-copy layouts were checked
+// on the host. fwd.cu keeps it switched off by default until the tests pass and
+// benchmarks/cuda_fwd.py shows it faster than sm_80.
 //
 // Non-sm_90a passes (sm_80 SASS, compute_90 PTX) compile an empty body that traps: fwd.cu never
 // launches this kernel unless the build carries sm_90a code and the device is compute capability 9.0.
@@ -36,6 +46,8 @@
 
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include "fwd_kernel.cuh"
 
@@ -52,13 +64,32 @@ struct Sm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
-  static constexpr int kWarpgroups = kTile.warpgroups;
+  static constexpr int kWarpgroups = kTile.warpgroups;  // consumer warpgroups
   static constexpr int kStages = kTile.stages;
-  static constexpr int kThreads = 128 * kWarpgroups;
-  static_assert(kBlockM == 64 * kWarpgroups, "one wgmma M of 64 rows per warpgroup");
+  static constexpr int kConsumerThreads = 128 * kWarpgroups;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  static_assert(kBlockM == 64 * kWarpgroups, "one wgmma M of 64 rows per consumer warpgroup");
+  static_assert(kWarpgroups == 2, "the ping-pong of the consumers is written for two warpgroups");
   static_assert(kBlockM == fwd_tile(kHeadDim_).block_m, "the LIST counts are per fwd_block_m(D) query rows");
   static_assert(kHeadDim % 64 == 0, "rows are whole 128-byte swizzle atoms (64 elements)");
   static_assert(kBlockN % 64 == 0, "V's key dim is whole MN-major swizzle atoms");
+
+  // setmaxnreg budgets: the kernel starts at 65536 / 384 = 168 registers per thread
+  // (__launch_bounds__(384, 1)); the producer drops to kProducerRegs and the consumers take what it
+  // frees. The consumers hold O (D / 2 floats), S (block_n / 2 floats) and P (block_n / 4 32-bit
+  // registers) at once: 160 at D = 128, block_n = 128, plus the softmax state and addresses.
+  // ptxas -v (nvcc 13, sm_90a): no spills at 40 / 232, once the producer keeps one metadata row
+  // per thread (not 8) and the consumers read the score columns' keys in chunks (see scores); with
+  // 56 / 224 the consumers spilled.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  // setmaxnreg.inc draws from the registers the block was launched with (168 x 384 = 64512), not
+  // from the whole register file.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs * kProducerThreads + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kThreads,
+                "the consumers take only what the producer gives back");
+  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
 
   using WarpgroupLayout = Layout<Shape<Int<kWarpgroups>, _1, _1>>;
   // S (64 x block_n per warpgroup) += Q (64 x D) K^T, both operands K-major in shared memory.
@@ -79,27 +110,49 @@ struct Sm90Traits {
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  // Global -> shared: 16 bytes per thread per copy, 8 threads per 64-element row segment.
+  // Global <-> shared: 16 bytes per thread per copy, 8 threads per 64-element row segment (a
+  // quarter warp stores one 128-byte swizzle row: no bank conflicts). Q in and O out are copied by
+  // the consumers, K and V by the producer.
   static constexpr int kElemsPerCopy = 8;
   static constexpr int kThreadsPerRow = 8;
-  using GmemThreads =
-      Layout<Shape<Int<kThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
-  using GmemCopyIn = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
-                                              GmemThreads{}, Layout<Shape<_1, Int<kElemsPerCopy>>>{}));
+  using ConsumerThreads =
+      Layout<Shape<Int<kConsumerThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
+  using ProducerThreads =
+      Layout<Shape<Int<kProducerThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
+  using GmemCopyQ = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+                                             ConsumerThreads{}, Layout<Shape<_1, Int<kElemsPerCopy>>>{}));
+  using GmemCopyKV = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+                                              ProducerThreads{}, Layout<Shape<_1, Int<kElemsPerCopy>>>{}));
   using GmemCopyOut = decltype(make_tiled_copy(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
-                                               GmemThreads{}, Layout<Shape<_1, Int<kElemsPerCopy>>>{}));
+                                               ConsumerThreads{}, Layout<Shape<_1, Int<kElemsPerCopy>>>{}));
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
-  static_assert(kBlockN % (kThreads / kThreadsPerRow) == 0, "every thread loads the same number of key rows");
-  static constexpr int kLoadRows = kBlockN / (kThreads / kThreadsPerRow);
+  static_assert(kBlockN % (kProducerThreads / kThreadsPerRow) == 0, "every producer thread loads as many key rows");
+  static constexpr int kLoadRows = kBlockN / (kProducerThreads / kThreadsPerRow);
 
   static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ> * sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV> * sizeof(Element));
   static constexpr int kSmemQKVBytes = kSmemQBytes + 2 * kSmemKVBytes;
   static_assert(kSmemQBytes % 1024 == 0 && kSmemKVBytes % 1024 == 0, "every tile starts on a swizzle period");
-  // sKey (int32) and sBias (float32) per key and stage, plus 1 KiB to align the dynamic shared
-  // memory base to the 1024-byte period of the 128-byte swizzle (wgmma descriptors assume it).
-  static constexpr int kSmemBytes = kSmemQKVBytes + kStages * kBlockN * 8 + 1024;
+  // sKey (int32) and sBias (float32) per key and stage.
+  static constexpr int kSmemMetaBytes = kStages * kBlockN * 8;
+  // mbarriers: K full, K empty, V full, V empty, one each per stage.
+  static constexpr int kSmemBarrierOffset = kSmemQKVBytes + kSmemMetaBytes;
+  // Plus 1 KiB to align the dynamic shared memory base to the 1024-byte period of the 128-byte
+  // swizzle (wgmma descriptors assume it).
+  static constexpr int kSmemBytes = kSmemBarrierOffset + 4 * kStages * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "sm_90 gives a block at most 227 KiB of shared memory");
 };
+
+// Named barriers (bar.sync / bar.arrive ids; 0 is __syncthreads): the consumers among themselves,
+// and one per consumer warpgroup that says "your turn to issue GEMMs".
+enum : int { kBarConsumers = 1, kBarTurn0 = 2 };
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // GMMA accumulator ((2, 2, N/8), MMA_M, MMA_N) -> (rows (2, MMA_M), cols (2, N/8, MMA_N)): each
 // thread holds 2 adjacent columns of every 8-column block, in rows r and r + 8 of its warp's 16.
@@ -119,11 +172,11 @@ CUTE_HOST_DEVICE auto acc_as_a(L layout) {
                      coalesce(make_layout(get<1>(blocks), get<2>(layout))));
 }
 
-// acc (+)= A B over the k-blocks of one tile, issued as one wgmma batch of the warpgroup and
-// waited for before returning (the softmax needs S, and P's registers are reused next tile).
+// Issues acc (+)= A B over the k-blocks of one tile as one wgmma batch of the warpgroup, and
+// returns without waiting: the caller waits with warpgroup_wait<n>() and then calls gemm_done.
 // kZeroInit: the first k-block overwrites acc instead of adding to it.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA& tA, TB const& tB, TC& tC) {
+__device__ __forceinline__ void gemm_issue(Mma& mma, TA& tA, TB const& tB, TC& tC) {
   constexpr bool kRegA = !is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
   // The fences keep the compiler from moving register reads/writes of the operands across the
   // asynchronous wgmma (it does not see that the hardware reads them after the issue).
@@ -137,26 +190,50 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA& tA, TB const& tB, T
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
   warpgroup_fence_operand(tC);
   if constexpr (kRegA) warpgroup_fence_operand(tA);
 }
 
-// Shared memory written by cp.async or plain stores (the generic proxy) and read next by wgmma (the
-// async proxy) needs this fence in each writing thread before the barrier that publishes it.
+// After the warpgroup_wait that covers a gemm_issue: no register access of its operands may move
+// above the wait.
+template <class TC>
+__device__ __forceinline__ void gemm_done(TC& tC) {
+  warpgroup_fence_operand(tC);
+}
+
+// Shared memory written by plain stores (the generic proxy) and read next by wgmma (the async
+// proxy) needs this fence between the two. The producer issues it after its zero-fill stores (the
+// only plain stores of K/V: sKey/sBias are read by plain loads, the mbarrier orders those); the
+// consumers issue it after each "full" wait, so the cp.async writes they have just acquired are
+// ordered before their wgmma reads as well (CUTLASS's cp.async + wgmma mainloops rely on the
+// mbarrier alone; the fence costs a few cycles per tile and removes the question).
 __device__ __forceinline__ void fence_generic_to_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A register fragment converted to another element type, into an existing tensor of the same size.
+template <class Src, class Dst>
+__device__ __forceinline__ void convert_into(Src const& src, Dst& dst) {
+  using From = typename Src::value_type;
+  using To = typename Dst::value_type;
+  constexpr int N = decltype(size(src))::value;
+  static_assert(N == decltype(size(dst))::value, "same number of values");
+  cutlass::NumericArrayConverter<To, From, N> convert;
+  *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
 }
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
   using Element = typename Traits::Element;
+  using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kStages = Traits::kStages;
   constexpr int kLoadRows = Traits::kLoadRows;
+  constexpr int kConsumerThreads = Traits::kConsumerThreads;
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ char smem_raw[];
@@ -187,19 +264,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
 
   Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
   float* lse_ptr = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
-  if (n_tiles == 0) {
+  if (n_tiles == 0) {  // the whole block leaves before any barrier exists
     fwd_impl::write_empty_block<Traits>(out_ptr, p.out_stride[1], lse_ptr, m0, p.Q);
     return;
   }
-
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2];
-  const int64_t bias_base = b * p.bias_stride[0] + int64_t(h) * p.bias_heads / p.H * p.bias_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + int64_t(h) * p.mask_heads / p.H * p.mask_stride[1];
-  // fwd.cu sends only query-broadcast bias and mask here: both are per key.
-  const bool bias_per_key = p.bias != nullptr;
-  const bool mask_per_key = p.mask != nullptr;
 
   Element* q_smem = reinterpret_cast<Element*>(smem);
   Element* k_smem = reinterpret_cast<Element*>(smem + Traits::kSmemQBytes);
@@ -210,42 +278,141 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   Tensor sVt = make_tensor(make_smem_ptr(v_smem), typename Traits::SmemLayoutVt{});  // (D, N, stage)
   int* sKey = reinterpret_cast<int*>(smem + Traits::kSmemQKVBytes);  // [stage][key row]: key, -1 none
   float* sBias = reinterpret_cast<float*>(sKey + kStages * kBlockN); // [stage][key row]: its bias
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kSmemBarrierOffset);
+  uint64_t* full_k = bars;                 // K(t) and sKey/sBias(t) landed: the producer's 128 arrivals
+  uint64_t* empty_k = bars + kStages;      // every consumer is done with K(t) and sKey/sBias(t)
+  uint64_t* full_v = bars + 2 * kStages;   // V(t) landed
+  uint64_t* empty_v = bars + 3 * kStages;  // every consumer's O += P(t) V(t) has completed
+  if (tidx == 0) {
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(full_k + s, Traits::kProducerThreads);
+      Barrier::init(full_v + s, Traits::kProducerThreads);
+      Barrier::init(empty_k + s, kConsumerThreads);
+      Barrier::init(empty_v + s, kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer leaves early
 
-  // ---------------------------------------------------------------- global -> shared copies
-  typename Traits::GmemCopyIn gmem_copy;
-  auto gthr = gmem_copy.get_thread_slice(tidx);
+  // Tile t lives in stage t % kStages; its barriers complete phase t / kStages, and a wait takes the
+  // parity of the phase it waits for. The producer's first pass over the stages waits for parity 1,
+  // which a fresh barrier reports as complete.
+  const int warpgroup = __shfl_sync(0xffffffffu, tidx / 128, 0);  // uniform, and the compiler knows
+  const int64_t bias_base = b * p.bias_stride[0] + int64_t(h) * p.bias_heads / p.H * p.bias_stride[1];
+  const int64_t mask_base = b * p.mask_stride[0] + int64_t(h) * p.mask_heads / p.H * p.mask_stride[1];
 
-  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(m0) * p.q_stride[1]), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                          make_stride(p.q_stride[1], _1{}));
-  Tensor tQgQ = gthr.partition_S(gQ);
-  Tensor tQsQ = gthr.partition_D(sQ);
-  Tensor tQcQ = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  if (warpgroup == 0) {
+    // ============================================================== producer: K, V and key metadata
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
+    const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2];
+    // fwd.cu sends only query-broadcast bias and mask here: both are per key.
+    const bool bias_per_key = p.bias != nullptr;
+    const bool mask_per_key = p.mask != nullptr;
 
-  // Column offsets of the thread's 16-byte chunks (row stride 0); the row's key index adds the rest.
-  Tensor gKcols = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
-  Tensor gVcols = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
-  Tensor tKgK = gthr.partition_S(gKcols);  // (CPY, CPY_N, CPY_D)
-  Tensor tVgV = gthr.partition_S(gVcols);
-  Tensor tKsK = gthr.partition_D(sK);  // (CPY, CPY_N, CPY_D, stage)
-  Tensor tVsV = gthr.partition_D(sV);
-  Tensor tKVc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  static_assert(decltype(size<1>(tKsK))::value == kLoadRows, "copy partition and key rows agree");
-  const bool meta_writer = get<1>(tKVc(0, 0, 0)) == 0;
+    typename Traits::GmemCopyKV gmem_copy;
+    auto gthr = gmem_copy.get_thread_slice(tidx);
+    // Column offsets of the thread's 16-byte chunks (row stride 0); the row's key index adds the rest.
+    Tensor gKcols = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
+    Tensor gVcols = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
+    Tensor tKgK = gthr.partition_S(gKcols);  // (CPY, CPY_N, CPY_D)
+    Tensor tVgV = gthr.partition_S(gVcols);
+    Tensor tKsK = gthr.partition_D(sK);  // (CPY, CPY_N, CPY_D, stage)
+    Tensor tVsV = gthr.partition_D(sV);
+    Tensor tKVc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    static_assert(decltype(size<1>(tKsK))::value == kLoadRows, "copy partition and key rows agree");
+    static_assert(kBlockN == Traits::kProducerThreads, "one metadata row per producer thread");
 
-  // Copies of tile t's rows (keys from tile_keys) into stage s, and its key metadata.
-  auto load_tile = [&](int stage, const int(&keys)[kLoadRows]) {
-    Tensor tKs = tKsK(_, _, _, stage);
-    Tensor tVs = tVsV(_, _, _, stage);
-    fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
-    fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
+    int keys[kLoadRows];
+    fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
+    for (int t = 0; t < n_tiles; ++t) {
+      const int stage = t % kStages;
+      const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
+      // This thread's metadata row (one key row per producer thread, not the copy partition's 8:
+      // their bias values and mask bits would not fit in the producer's registers). Its loads fly
+      // while the stage is still in use.
+      int meta_key = -1;
+      float meta_bias = 0.f;
+      {
+        const int pos = t * kBlockN + tidx;
+        if (pos < limit) {
+          meta_key = list != nullptr ? __ldg(list + pos) : pos;
+          if (meta_key < 0 || meta_key >= p.K) meta_key = -1;
+        }
+        if (meta_key >= 0) {
+          if (bias_per_key) {
+            meta_bias = fwd_impl::load_float(p.bias, p.bias_dtype, bias_base + meta_key * p.bias_stride[3]);
+          }
+          if (mask_per_key && __ldg(p.mask + mask_base + meta_key * p.mask_stride[3]) == 0) meta_key = -1;
+        }
+      }
+
+      Barrier::wait(empty_k + stage, empty_parity);
+      Tensor tKs = tKsK(_, _, _, stage);
+      fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
+      sKey[stage * kBlockN + tidx] = meta_key;
+      sBias[stage * kBlockN + tidx] = meta_bias;
+      // Rows of missing keys (the tail of the last tile) are zero-filled with plain stores, which
+      // wgmma reads through the async proxy. Only those threads fence: the fence is a MEMBAR, and
+      // the other tiles should not pay for it behind their in-flight copies.
+      bool zero_rows = false;
+      CUTE_UNROLL
+      for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
+      if (zero_rows) fence_generic_to_async_smem();
+      // The barrier counts the plain arrival (which also releases sKey/sBias); the cp.async one adds
+      // a pending arrival now and performs it when this thread's copies have landed, so the phase
+      // cannot complete before they have (CUTLASS's PipelineAsync does the same).
+      cutlass::arch::cpasync_barrier_arrive(full_k + stage);
+      Barrier::arrive(full_k + stage);
+
+      Barrier::wait(empty_v + stage, empty_parity);
+      Tensor tVs = tVsV(_, _, _, stage);
+      fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
+      if (zero_rows) fence_generic_to_async_smem();
+      cutlass::arch::cpasync_barrier_arrive(full_v + stage);
+      Barrier::arrive(full_v + stage);
+
+      fwd_impl::tile_keys<kBlockN>(t + 1, tKVc, limit, list, p.K, keys);  // all -1 past the last tile
+    }
+    cp_async_wait<0>();  // leave only once this thread's copies have landed
+    return;
+  }
+
+  // ================================================================ consumers
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int ctidx = tidx - Traits::kProducerThreads;  // 0 .. 255: rows 0..63 are warpgroup 0's
+  const int wg = warpgroup - 1;
+
+  // Q: each consumer copies its share (cp.async), then all consumers meet once.
+  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  {
+    typename Traits::GmemCopyQ gmem_copy_q;
+    auto qthr = gmem_copy_q.get_thread_slice(ctidx);
+    Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(m0) * p.q_stride[1]),
+                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[1], _1{}));
+    Tensor tQgQ = qthr.partition_S(gQ);
+    Tensor tQsQ = qthr.partition_D(sQ);
+    Tensor tQcQ = qthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(tQsQ); ++m) {
+      const bool row_ok = m0 + get<0>(tQcQ(0, m, 0)) < p.Q;
+      CUTE_UNROLL
+      for (int kk = 0; kk < size<2>(tQsQ); ++kk) {
+        if (row_ok) {
+          copy(gmem_copy_q, tQgQ(_, m, kk), tQsQ(_, m, kk));
+        } else {
+          clear(tQsQ(_, m, kk));
+        }
+      }
+    }
     cp_async_fence();
-  };
+  }
 
-  // ---------------------------------------------------------------- MMA partitions
   typename Traits::TiledMmaS mma_s;
   typename Traits::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(tidx);
-  auto thr_o = mma_o.get_thread_slice(tidx);
+  auto thr_s = mma_s.get_thread_slice(ctidx);
+  auto thr_o = mma_o.get_thread_slice(ctidx);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // descriptors (MMA, 1, D/16)
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // descriptors (MMA, 1, D/16, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // descriptors (MMA, 1, N/16, stage)
@@ -253,6 +420,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_o);
   Tensor o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+  // P of the previous tile, kept while S of the current one is computed.
+  Tensor rP = make_tensor<Element>(acc_s.layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor c_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
   constexpr int kRows = decltype(size<0>(c_rc))::value;
@@ -261,56 +433,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
 
   float row_max[kRows];
   float row_sum[kRows];
+  float alpha[kRows];  // O's rescale for the P it is about to add
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     row_max[mi] = -INFINITY;
     row_sum[mi] = 0.f;
   }
 
-  // ---------------------------------------------------------------- prologue: Q, tile 0, keys of tile 1
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tQsQ); ++m) {
-    const bool row_ok = m0 + get<0>(tQcQ(0, m, 0)) < p.Q;
-    CUTE_UNROLL
-    for (int kk = 0; kk < size<2>(tQsQ); ++kk) {
-      if (row_ok) {
-        copy(gmem_copy, tQgQ(_, m, kk), tQsQ(_, m, kk));
-      } else {
-        clear(tQsQ(_, m, kk));
-      }
-    }
-  }
-  int keys[kLoadRows];
-  fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
-  load_tile(0, keys);
-  {
-    fwd_impl::KeyMeta<kLoadRows> meta;
-    meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
-    meta.store(tKVc, keys, meta_writer, sKey, sBias);
-  }
-  fwd_impl::tile_keys<kBlockN>(1, tKVc, limit, list, p.K, keys);  // all -1 past the last tile
-
   const float scale = p.scale;
   const float softcap = p.softcap;
   const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
 
-  for (int t = 0; t < n_tiles; ++t) {
-    const int stage = t % kStages;
-    const bool has_next = t + 1 < n_tiles;
-    cp_async_wait<0>();
-    fence_generic_to_async_smem();
-    __syncthreads();  // tile t and its metadata visible; every warpgroup is done with tile t-1
-    fwd_impl::KeyMeta<kLoadRows> next_meta;
-    if (has_next) {
-      load_tile(stage ^ 1, keys);
-      next_meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
-    }
+  // This warpgroup's rows are m0 + 64 wg .. + 63 (the wgmma M of each warpgroup); the earliest of
+  // them sees keys up to wg_last_key.
+  const int wg_row0 = m0 + 64 * wg;
+  const bool interior_ok = p.mask == nullptr && wg_row0 + 63 < p.Q;
+  const int wg_last_key = p.causal ? wg_row0 + off : p.K - 1;
 
-    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    warpgroup_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);
-
-    // Scores: scale (or softcap), bias, then -inf wherever the key is not visible.
-    Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+  // Scores of the tile in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
+  // visible.
+  auto scores = [&](int stage) {
     if (softcap > 0.f) {
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
@@ -320,21 +462,59 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     }
     const int* stage_key = sKey + stage * kBlockN;
     const float* stage_bias = sBias + stage * kBlockN;
+    // Interior tile: every key present and visible to every row of this warpgroup, so only the bias
+    // is added (the per-element test is about a third of the softmax's instructions, and the
+    // softmax has to fit under the other warpgroup's GEMMs). Keys of a tile are ascending (LIST
+    // lists are sorted, DENSE keys consecutive), so its first and last key bound all of them; a
+    // key mask can drop keys in between, so with a mask every tile takes the full test.
+    const int first_key = stage_key[0];
+    const int last_tile_key = stage_key[kBlockN - 1];
+    // Columns go in chunks of 8 whose sKey/sBias reads may not move above the previous chunk (the
+    // empty asm with a memory clobber): hoisting all of them costs 64 registers that the consumers,
+    // holding S, P and O at once, do not have (ptxas spilled).
+    constexpr int kChunk = 8;
+    static_assert(kCols % kChunk == 0, "whole chunks of columns");
+    if (interior_ok && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
+      CUTE_UNROLL
+      for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+        CUTE_UNROLL
+        for (int ni = n0; ni < n0 + kChunk; ++ni) {
+          const float bias = stage_bias[get<1>(c_rc(0, ni))];
+          CUTE_UNROLL
+          for (int mi = 0; mi < kRows; ++mi) s_rc(mi, ni) += bias;
+        }
+        asm volatile("" ::: "memory");
+      }
+      return;
+    }
+    int last_key[kRows];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const int row = m0 + get<0>(c_rc(mi, 0));
-      const bool row_ok = row < p.Q;
-      const int last_key = p.causal ? row + off : p.K;
+      // A row past Q sees nothing (its results are not stored either; this keeps them finite).
+      last_key[mi] = row >= p.Q ? -1 : p.causal ? row + off : p.K;
+    }
+    CUTE_UNROLL
+    for (int n0 = 0; n0 < kCols; n0 += kChunk) {
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
+      for (int ni = n0; ni < n0 + kChunk; ++ni) {
         const int c = get<1>(c_rc(0, ni));
         const int key = stage_key[c];
-        const bool visible = row_ok && key >= 0 && key <= last_key;
-        s_rc(mi, ni) = visible ? s_rc(mi, ni) + stage_bias[c] : -INFINITY;
+        const float bias = stage_bias[c];
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const bool visible = key >= 0 && key <= last_key[mi];
+          s_rc(mi, ni) = visible ? s_rc(mi, ni) + bias : -INFINITY;
+        }
       }
+      asm volatile("" ::: "memory");
     }
+  };
 
-    // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0.
+  // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0,
+  // so every exp of it is 0 and alpha is 0 (never inf - inf). O's rescale by alpha waits until O is
+  // not in flight (rescale_o).
+  auto softmax = [&]() {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       float mx = row_max[mi];
@@ -342,11 +522,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
       mx = fwd_impl::quad_max(mx);
       const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f((row_max[mi] - m_use) * kLog2e);
+      alpha[mi] = exp2f((row_max[mi] - m_use) * kLog2e);
       row_max[mi] = mx;
-      row_sum[mi] *= alpha;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= alpha;
+      row_sum[mi] *= alpha[mi];
       const float shift = m_use * kLog2e;
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
@@ -355,17 +533,74 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
         row_sum[mi] += e;
       }
     }
+  };
 
-    Tensor rP = fwd_impl::convert_fragment<Element>(acc_s);
-    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
-    warpgroup_gemm<false>(mma_o, tOrP, tOrV(_, _, _, stage), acc_o);
-
-    if (has_next) {
-      // Stage ^ 1's metadata was last read in tile t-1, before this tile's barrier.
-      next_meta.store(tKVc, keys, meta_writer, sKey + (stage ^ 1) * kBlockN, sBias + (stage ^ 1) * kBlockN);
-      // The list entries of tile t+2, read now so the copies of the next tile need not wait on them.
-      fwd_impl::tile_keys<kBlockN>(t + 2, tKVc, limit, list, p.K, keys);
+  auto rescale_o = [&]() {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= alpha[mi];
     }
+  };
+
+  // Ping-pong: a consumer issues its GEMMs only on its turn (named_sync on its barrier) and then
+  // gives the turn to the other (named_arrive on the other's), 128 + 128 threads per barrier phase.
+  // Warpgroup 0 goes first. Each warpgroup has n_tiles + 1 turns; warpgroup 1 skips its last
+  // hand-over, so every barrier sees as many arrivals as waits and none is left pending at exit.
+  const int my_turn = kBarTurn0 + wg;
+  const int other_turn = kBarTurn0 + (wg ^ 1);
+  cp_async_wait<0>();
+  fence_generic_to_async_smem();
+  named_sync(kBarConsumers, kConsumerThreads);  // Q visible to both consumer warpgroups
+  if (wg == 1) named_arrive(kBarTurn0, kConsumerThreads);
+
+  // Tile 0: S only (there is no P yet).
+  Barrier::wait(full_k, 0);
+  fence_generic_to_async_smem();
+  named_sync(my_turn, kConsumerThreads);
+  gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, 0), acc_s);
+  named_arrive(other_turn, kConsumerThreads);
+  warpgroup_wait<0>();
+  gemm_done(acc_s);
+  scores(0);
+  Barrier::arrive(empty_k);
+  softmax();
+  convert_into(acc_s, rP);
+
+  for (int t = 1; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    const int prev = (t - 1) % kStages;
+    Barrier::wait(full_k + stage, (t / kStages) & 1);
+    Barrier::wait(full_v + prev, ((t - 1) / kStages) & 1);
+    fence_generic_to_async_smem();
+    named_sync(my_turn, kConsumerThreads);
+    gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);  // S(t)
+    rescale_o();
+    gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, prev), acc_o);  // O += P(t-1) V(t-1)
+    named_arrive(other_turn, kConsumerThreads);
+    warpgroup_wait<1>();  // S(t) done; O += P V may still run
+    gemm_done(acc_s);
+    scores(stage);
+    Barrier::arrive(empty_k + stage);
+    softmax();
+    warpgroup_wait<0>();  // O += P(t-1) V(t-1) done: V(t-1) and P's registers are free
+    gemm_done(acc_o);
+    gemm_done(tOrP);
+    Barrier::arrive(empty_v + prev);
+    convert_into(acc_s, rP);
+  }
+
+  {  // O += P V of the last tile
+    const int last = (n_tiles - 1) % kStages;
+    Barrier::wait(full_v + last, ((n_tiles - 1) / kStages) & 1);
+    fence_generic_to_async_smem();
+    named_sync(my_turn, kConsumerThreads);
+    rescale_o();
+    gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, last), acc_o);
+    if (wg == 0) named_arrive(other_turn, kConsumerThreads);
+    warpgroup_wait<0>();
+    gemm_done(acc_o);
+    gemm_done(tOrP);
   }
 
   // ---------------------------------------------------------------- epilogue
@@ -388,19 +623,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   }
 
   // O goes through shared memory (the Q tile) so the global stores are 16-byte rows. The barrier
-  // makes sure no warpgroup still reads Q in its last S = Q K^T.
+  // makes sure no consumer still reads Q in its last S = Q K^T.
   Tensor rO = fwd_impl::convert_fragment<Element>(acc_o);
-  __syncthreads();
+  named_sync(kBarConsumers, kConsumerThreads);
   Tensor sO = make_tensor(make_smem_ptr(q_smem), typename Traits::SmemLayoutQ{});
   auto smem_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_o);
-  auto sthr_O = smem_copy_O.get_thread_slice(tidx);
+  auto sthr_O = smem_copy_O.get_thread_slice(ctidx);
   Tensor taccOrO = sthr_O.retile_S(rO);
   Tensor taccOsO = sthr_O.partition_D(sO);
   copy(smem_copy_O, taccOrO, taccOsO);
-  __syncthreads();
+  named_sync(kBarConsumers, kConsumerThreads);
 
   typename Traits::GmemCopyOut gmem_copy_O;
-  auto gthr_O = gmem_copy_O.get_thread_slice(tidx);
+  auto gthr_O = gmem_copy_O.get_thread_slice(ctidx);
   Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * p.out_stride[1]), Shape<Int<kBlockM>, Int<kHeadDim>>{},
                           make_stride(p.out_stride[1], _1{}));
   Tensor tOsO = gthr_O.partition_S(sO);

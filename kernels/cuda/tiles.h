@@ -32,24 +32,33 @@ constexpr FwdTile fwd_tile(int head_dim) {
 struct FwdSm90Tile {
   int block_m;     // query rows per thread block: 64 per consumer warpgroup
   int block_n;     // keys per tile (the N of S = Q K^T, the K of O += P V)
-  int warpgroups;  // warpgroups per thread block, stacked along the query rows
-  int stages;      // shared-memory buffers for K and for V (loads of tile t+1 overlap tile t)
+  int warpgroups;  // consumer warpgroups per thread block, stacked along the query rows (plus one
+                   // producer warpgroup that gathers K and V)
+  int stages;      // shared-memory buffers for K and for V, each with its own full/empty mbarriers
 };
 
-// The sm_90a forward (fwd_sm90_kernel.cuh), head dims 64 and 128. Not timed yet: written on a
-// machine without a GPU, so every choice below comes from budgets, not from a measurement.
-// - block_m = 128 as two warpgroups of 64 rows (one wgmma M of 64 each): the same query block as
-//   fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python side
-//   never needs to know which one runs; two warpgroups also share one K/V tile, halving the
-//   shared-memory fill per query row against one warpgroup with 64 rows.
-// - block_n = 128: S is 64 floats per thread and O D / 2 (64 at D = 128), with P as 32 registers,
-//   well under the 255 a thread may hold at 256 threads per block; the wgmma shapes are 64x128x16
-//   (S) and 64xDx16 (O), long enough N for the tensor cores to stay busy. A larger block_n wastes
-//   more of the last (partial) tile of a LIST block: w = 2048 gives ~1024 visible entries per
-//   causal block on average, so 128 loses ~6%.
-// - two stages of K and V: Q (32 KiB) + 2 x (K + V) (128 KiB) = 160 KiB at D = 128 (sm_90 gives a
-//   block up to 227 KiB), one block per SM; at D = 64 half of that.
-constexpr FwdSm90Tile fwd_sm90_tile(int /*head_dim*/) { return FwdSm90Tile{128, 128, 2, 2}; }
+// The sm_90a forward (fwd_sm90_kernel.cuh), head dims 64 and 128.
+// Measured (H200, 2026-11-28, the previous version of the kernel: same tiles, no producer, no
+// overlap): correct, but slower than the sm_80 kernel (T32k 4.07 against 2.76 ms). The current
+// producer/consumer version with overlapped GEMMs is NOT timed yet (written without a GPU), so the
+// choices below still come from budgets:
+// - block_m = 128 as two consumer warpgroups of 64 rows (one wgmma M of 64 each): the same query
+//   block as fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python
+//   side never needs to know which one runs; two warpgroups also share one K/V tile, halving the
+//   shared-memory fill per query row against one warpgroup with 64 rows, and they take turns on the
+//   tensor cores (one's softmax under the other's GEMMs).
+// - block_n = 128 (FlashAttention-3's causal D = 128 tile): the consumers hold O (D / 2 floats), S
+//   (64 floats) and the previous tile's P (32 registers) at once, which fits the 232 registers
+//   setmaxnreg gives them (ptxas: no spills); the wgmma shapes are 64x128x16 (S) and 64xDx16 (O). A
+//   larger block_n wastes more of the last (partial) tile of a LIST block: w = 2048 gives ~1024
+//   visible entries per causal block on average, so 128 loses ~6%.
+// - stages: Q + stages x (K + V) of shared memory, one block per SM (384 threads at 168 registers
+//   fill the register file anyway). D = 128: 32 KiB + 2 x 64 KiB = 160 KiB (3 stages would need
+//   224 KiB + metadata, over the 227 KiB a block may have). D = 64: 16 KiB + 4 x 32 KiB = 144 KiB,
+//   so the producer can run up to 3 tiles ahead.
+constexpr FwdSm90Tile fwd_sm90_tile(int head_dim) {
+  return head_dim <= 64 ? FwdSm90Tile{128, 128, 2, 4} : FwdSm90Tile{128, 128, 2, 2};
+}
 
 struct BwdTile {
   int dq_block_m;    // query rows per dq thread block
