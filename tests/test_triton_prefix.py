@@ -74,9 +74,15 @@ def test_block_lists_and_order(device):
             got = idx[r, b, :n].cpu().long()
             assert n <= w + bm and n_full == int(whole.sum()), (Q, K, w, bm, r, b)
             assert torch.equal(got[:n_full], j[whole]) and torch.equal(got[n_full:], j[alive & ~whole])
-        order, alive = prefix.alive_order(death)
-        for r in range(2):
-            n = int(alive[r])
-            keys = order[r, :n].cpu().long()
-            assert torch.equal(keys.sort().values, j[d[r] > j])
-            assert (d[r][keys].diff() <= 0).all()  # by death, descending
+        for bn in (16, 32):
+            order, alive = prefix.alive_order(death, w, bn)
+            chunk = prefix.order_chunk(w, bn)
+            for r in range(2):
+                n = int(alive[r])
+                keys = order[r, :n].cpu().long()
+                assert torch.equal(keys.sort().values, j[d[r] > j])
+                chunks = keys.split(chunk)
+                for c, nxt in zip(chunks, chunks[1:]):  # chunks by death, descending
+                    assert int(d[r][c].min()) >= int(d[r][nxt].max())
+                for c in chunks:  # each by position
+                    assert (c.diff() > 0).all()

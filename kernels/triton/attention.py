@@ -9,8 +9,8 @@ Kernels visit keys in one of three ways, chosen by the selection path (``selecti
   causally is visited.
 - PREFIX (visible scope): the same gather over the query block's own list of alive keys
   (``prefix.py``), with the per-element test ``j <= c_i < death_j``. The dk/dv kernel takes its key
-  tiles from the row's ever-alive keys ordered by death and visits only the query blocks between
-  the tile's first key and its last death.
+  tiles from the row's ever-alive keys (``prefix.alive_order``) and visits only the query blocks
+  between the tile's first key and its last death, untested where all its keys are alive.
 
 Scores, softmax and every accumulator are float32. Bias and mask are read through their strides
 (stride 0 on broadcast dimensions) and never materialised. A query row with no visible key (or
@@ -563,19 +563,24 @@ def dma_bwd_dkdv_kernel(
     m_hi = Q
     if PATH == _PREFIX:
         m_hi = tl.minimum(tl.maximum(tl.max(tl.where(n_ok, death, 0)) - off, 0), Q)
-    # Query blocks from m_full on see every key of the tile causally (FULL path of _scores): the
-    # block's first query is at or past the tile's last key. FULL reads the keys' bias unmasked, so
-    # a tile with padding (the list's or K's tail) takes the tested path throughout.
+    # Query blocks [m_full, m_full_end) see every key of the tile (FULL path of _scores): the block's
+    # first query is at or past the tile's last key, and on the PREFIX path the block's last real
+    # query (min(start + BLOCK_M, Q) - 1) is still before the tile's first death. Before m_full keys
+    # are being born, from m_full_end on they die: both edges are tested. FULL reads the keys' bias
+    # unmasked, so a tile with padding (the list's or K's tail) takes the tested path throughout.
     if IS_CAUSAL:
         last = tl.max(tl.where(n_ok, offs_n, 0))
         m_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_M) * BLOCK_M, m_lo), m_hi)
     else:
         m_full = m_lo
-    # The PREFIX path's keys die at different queries: its tiles are tested throughout too.
+    m_full_end = m_hi
     if PATH == _PREFIX:
-        m_full = tl.maximum(m_hi, m_lo)
-    else:
-        m_full = tl.where(tl.min(n_ok.to(tl.int32)) == 1, m_full, tl.maximum(m_hi, m_lo))
+        first_death = tl.min(tl.where(n_ok, death, K)) - off  # as a query index
+        m_full_end = tl.where(first_death >= Q, m_hi, tl.maximum(first_death, 0) // BLOCK_M * BLOCK_M)
+        m_full_end = tl.minimum(tl.maximum(m_full_end, m_full), m_hi)
+    all_real = tl.min(n_ok.to(tl.int32)) == 1
+    m_full = tl.where(all_real, m_full, tl.maximum(m_hi, m_lo))
+    m_full_end = tl.where(all_real, m_full_end, m_full)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -604,11 +609,18 @@ def dma_bwd_dkdv_kernel(
                                         bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
                                         smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
                                         BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
-            for start_m in range(m_full, m_hi, BLOCK_M):
+            for start_m in range(m_full, m_full_end, BLOCK_M):
                 dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
                                         bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
                                         smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
                                         BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
+            if PATH == _PREFIX:  # the blocks where some of the tile's keys have died
+                for start_m in range(m_full_end, m_hi, BLOCK_M):
+                    dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse,
+                                            Delta, bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn,
+                                            mask_base, smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D,
+                                            IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH,
+                                            SOFTCAP, UPCAST, False)
         if WRITE_DB:
             tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
     if WRITE_DKDV:
@@ -891,7 +903,7 @@ class _Launch:
 
     def key_tiles(self, block_m: int, block_n: int) -> dict:
         """The keys the dk/dv kernel tiles: Idx, Cnt, W, and how many keys to cover (n_keys).
-        LIST: the row's list; PREFIX: the row's ever-alive keys by death (Cnt: how many per row);
+        LIST: the row's list; PREFIX: the row's ever-alive keys (Cnt: how many per row);
         contiguous keys otherwise, with TILES per (batch x head, key tile of ``block_n``) its query
         blocks of ``block_m``, occupied first, and how many are occupied."""
         p, sel = self.p, self.sel
@@ -901,7 +913,7 @@ class _Launch:
         if sel.path == LIST:
             return dict(Idx=sel.idx, Cnt=self.ints, W=sel.idx.shape[-1]), sel.idx.shape[-1]
         if sel.path == PREFIX:
-            order, alive = alive_order(sel.death.view(-1, p.K))
+            order, alive = alive_order(sel.death.view(-1, p.K), p.effective_window, block_n)
             return dict(Idx=order, Cnt=alive, W=0), p.K
         return dict(Idx=self.ints, Cnt=self.ints, W=0), p.K
 
