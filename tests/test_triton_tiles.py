@@ -30,27 +30,35 @@ def _block_sparse_mask(B, H, Q, K, block, seed):
 
 
 @pytest.mark.parametrize("device", SELECTION_DEVICES)
-@pytest.mark.parametrize("window, causal", [(None, True), (None, False), (13, True), (13, False)])
+@pytest.mark.parametrize("window, causal, mask_heads",
+                         [(None, True, "H"), (None, False, "H"), (13, True, "H"), (13, False, "H"),
+                          (None, True, "H_kv"), (None, False, "1"), (13, True, "1")])
 @pytest.mark.parametrize("tiling", [(32, 32), (16, 64)])
-def test_occupancy_matches_reference(device, window, causal, tiling):
+def test_occupancy_matches_reference(device, window, causal, mask_heads, tiling):
+    """One occupancy row per class of query heads that read the same mask, bias and threshold
+    rows: H rows for a per-head mask or a window over a per-head bias, H_kv or 1 for a shared mask
+    without a window; each row equals the reference's tiles for the first head of its class."""
     B, H, H_kv, Q, K, D = 2, 4, 2, 70, 90, 16
     g = torch.Generator().manual_seed(Q * K)
     q = torch.randn(B, Q, H, D, generator=g).to(device)
     k = torch.randn(B, K, H_kv, D, generator=g).to(device)
     v = torch.randn(B, K, H_kv, D, generator=g).to(device)
     bias = torch.randn(B, H, Q, K, generator=g).to(device)
-    mask = _block_sparse_mask(B, H, Q, K, 16, seed=1).to(device)
+    HM = dict(H=H, H_kv=H_kv)[mask_heads] if mask_heads != "1" else 1
+    mask = _block_sparse_mask(B if HM > 1 else 1, HM, Q, K, 16, seed=1).to(device)
     opts = dict(window=window, is_causal=causal, topk_scope="visible")
     p, a = _launch(q, k, v, bias, mask, **opts)
     assert a.flags["TILES"]
+    occ_h = H if window is not None else HM
+    assert a.sizes["OCC_H"] == occ_h
     bm, bn = tiling
     got = a.occupancy(bm, bn).cpu().bool()
     vis = reference.visible_mask(bias.cpu(), mask.cpu(), B=B, H=H, Q=Q, K=K, window=window, topk_scope="visible",
-                                 is_causal=causal)
+                                 is_causal=causal).expand(B, H, Q, K)
     nblk, nt = -(-Q // bm), -(-K // bn)
     padded = torch.zeros(B, H, nblk * bm, nt * bn, dtype=torch.bool)
     padded[:, :, :Q, :K] = vis
-    want = padded.view(B * H, nblk, bm, nt, bn).any(4).any(2)
+    want = padded.view(B, H, nblk, bm, nt, bn).any(5).any(3)[:, ::H // occ_h].reshape(B * occ_h, nblk, nt)
     assert torch.equal(got, want)
     assert not want.all()  # the case has empty tiles to skip
 

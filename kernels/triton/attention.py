@@ -39,12 +39,15 @@ from .selection import DENSE, LIST, PREFIX, THRESHOLD, make_selection
 # operand is upcast to float32, and one fixed launch configuration is used.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Sizes that change from call to call, and the outer strides of bias and mask (which follow K and
-# the broadcast form), are not specialised on (value 1, divisibility by 16): each specialisation is
-# a separate compilation (the test matrix alone needs ~450 on a GPU), and these only bound loops,
-# form masks or offset rows. D is a compile-time constant instead, so the head-dim mask is known
-# and the q/k/v/out tile loads stay vectorised.
-_SIZES = ("sbb", "sbh", "sbm", "smb", "smh", "smm", "Q", "K", "H", "GROUP", "HB", "HM", "SEL_B", "H_S", "W")
+# Sizes that change from call to call are not specialised on (value 1, divisibility by 16): each
+# specialisation is a separate compilation (the test matrix alone needs ~450 on a GPU), and these
+# only bound loops, form masks or offset rows. D is a compile-time constant instead, so the head-dim
+# mask is known and the q/k/v/out tile loads stay vectorised. The strides of bias and mask are
+# specialised like every other stride: a per-query (B, H, Q, K) bias or mask is read in
+# [BLOCK_M, BLOCK_N] tiles, and unless Triton knows its row and head strides are multiples of 16
+# it cannot prove a row's alignment and issues one scalar load per element (H200, a per-query
+# bool mask at Q = K = 8192: the occupancy pass took 10.3 ms and the forward 45.8 ms that way).
+_SIZES = ("Q", "K", "H", "GROUP", "HB", "HM", "SEL_B", "H_S", "W", "OCC_H")
 
 # Kernels can only read globals that are constexpr.
 _LIST = tl.constexpr(LIST)
@@ -242,7 +245,7 @@ def _death(Dth, row, K, offs_n, n_ok, PATH: tl.constexpr):
 
 
 @triton.jit
-def _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
+def _query_block_keys(TV, TI, Cnt, row, occ_row, pid_m, offs_m, m_ok, Q, K, off, NBLK, W, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PATH: tl.constexpr, IS_CAUSAL: tl.constexpr, TILES: tl.constexpr):
     """What a query block needs to walk its keys: the rows' thresholds (THRESHOLD path; unused
     zeros otherwise), ``limit``, the number of list entries (LIST, PREFIX) or contiguous keys the
@@ -259,8 +262,8 @@ def _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off, 
         ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
     idx_row = row * W
     if TILES:
-        idx_row = (pid_bh * NBLK + pid_m).to(tl.int64) * W
-        limit = tl.load(Cnt + pid_bh * NBLK + pid_m) * BLOCK_N
+        idx_row = (occ_row * NBLK + pid_m).to(tl.int64) * W
+        limit = tl.load(Cnt + occ_row * NBLK + pid_m) * BLOCK_N
         full = limit * 0
     elif PATH == _PREFIX:
         # The block's own list, which starts with the keys all its queries see (prefix.block_lists).
@@ -354,7 +357,7 @@ def dma_fwd_kernel(
     Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sob, som, soh, sod,
-    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
     scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
@@ -364,7 +367,8 @@ def dma_fwd_kernel(
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off,
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, b * OCC_H + h * OCC_H // H, pid_m, offs_m,
+                                                     m_ok, Q, K, off,
                                                      NBLK, W, BLOCK_M, BLOCK_N, PATH, IS_CAUSAL, TILES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -432,7 +436,7 @@ def dma_bwd_dq_kernel(
     Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
-    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, NBLK,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
     scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
@@ -449,7 +453,8 @@ def dma_bwd_dq_kernel(
     do = tl.load(DO + b * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_d[None, :] * sdd,
                  mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     lse, delta = _row_stats(Lse, Delta, pid_bh.to(tl.int64), Q, offs_m, m_ok)
-    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, pid_bh, pid_m, offs_m, m_ok, Q, K, off,
+    tv, ti, limit, full, idx_row = _query_block_keys(TV, TI, Cnt, row, b * OCC_H + h * OCC_H // H, pid_m, offs_m,
+                                                     m_ok, Q, K, off,
                                                      NBLK, W, BLOCK_M, BLOCK_N, PATH, IS_CAUSAL, TILES)
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
@@ -509,7 +514,7 @@ def dma_bwd_dkdv_kernel(
     Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DK, DV, DB, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
-    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, N_HEADS, H_OUT,
+    Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, N_HEADS, H_OUT,
     scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
@@ -596,7 +601,7 @@ def dma_bwd_dkdv_kernel(
         if TILES:
             # Only the query blocks whose block x tile pair holds a visible pair (W of them per
             # tile, occupied first; tile_occupancy_kernel), all tested.
-            at = bh * tl.cdiv(K, BLOCK_N) + pid_n
+            at = (b * OCC_H + h * OCC_H // H) * tl.cdiv(K, BLOCK_N) + pid_n
             for i in range(0, tl.load(Cnt + at)):
                 start_m = tl.load(Idx + at * W + i) * BLOCK_M
                 dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
@@ -660,17 +665,19 @@ def dkdv_gather_kernel(PartK, PartV, Idx, DK, DV, K, W, H, GROUP, SEL_B, H_S, D:
 
 @triton.jit(do_not_specialize=_SIZES + ("NT",))
 def tile_occupancy_kernel(Bp, Mp, TV, TI, Occ, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                          Q, K, H, HB, HM, SEL_B, H_S, NT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          Q, K, H, HB, HM, SEL_B, H_S, OCC_H, NT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
                           HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr):
-    """Program (batch x head, query block): for each of the NT key tiles, whether any of its
-    (query, key) pairs is visible (the kernels' own test: causality, per-query mask, threshold),
-    int8 into Occ (B * H, query blocks, NT). One pass over a per-query bias or mask; the attention
-    kernels then visit only occupied tiles (TILES)."""
-    pid_bh = tl.program_id(0)
+    """Program (batch x occupancy head, query block): for each of the NT key tiles, whether any of
+    its (query, key) pairs is visible (the kernels' own test: causality, per-query mask, threshold),
+    int8 into Occ (B * OCC_H, query blocks, NT). Query heads that read the same mask, bias and
+    threshold rows share an occupancy head (see ``_Launch``): this runs for the first head of each.
+    One pass over a per-query bias or mask; the attention kernels then visit only occupied tiles
+    (TILES)."""
+    pid_bo = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b = (pid_bo // OCC_H).to(tl.int64)
+    h = pid_bo % OCC_H * (H // OCC_H)
     off = K - Q
     row = (b * SEL_B + h * H_S // H).to(tl.int64)
     bias_base = Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh
@@ -682,7 +689,7 @@ def tile_occupancy_kernel(Bp, Mp, TV, TI, Occ, sbb, sbh, sbm, sbn, smb, smh, smm
     if PATH == _THRESHOLD:
         tv = tl.load(TV + row * Q + offs_m, mask=m_ok, other=float("-inf"))
         ti = tl.load(TI + row * Q + offs_m, mask=m_ok, other=0)
-    out = Occ + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m) * NT
+    out = Occ + (pid_bo.to(tl.int64) * tl.num_programs(1) + pid_m) * NT
     for t in range(0, NT):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         vis, _ = _visibility(offs_m, offs_n, m_ok, offs_n < K, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti,
@@ -860,21 +867,29 @@ class _Launch:
         # A per-query (4-D) mask, or a window over a per-query bias or mask: the kernels visit only
         # the tiles that hold a visible pair (tile_occupancy_kernel), not every causal tile.
         self.flags["TILES"] = sel.path == THRESHOLD or (sel.path == DENSE and self.flags["MASK_PER_QUERY"])
+        # Occupancy heads: query head h reads mask head h*HM//H, bias head h*HB//H and threshold row
+        # h*H_S//H, each count in {1, H_kv, H}, so the largest count that matters partitions the
+        # heads into classes that see the same tiles (a mask shared by all heads: one pass, not H).
+        occ_h = self.sizes["HM"] if mask is not None else 1
+        if sel.path == THRESHOLD:
+            occ_h = max(occ_h, self.sizes["H_S"], self.sizes["HB"] if bias is not None else 1)
+        self.sizes["OCC_H"] = occ_h
         self.scalars = dict(scale=p.scale, softcap=p.softcap or 1.0)
         self._occupancy = {}
 
     def occupancy(self, block_m: int, block_n: int) -> torch.Tensor:
-        """int8 (B * H, cdiv(Q, block_m), cdiv(K, block_n)): whether each query block x key tile
+        """int8 (B * OCC_H, cdiv(Q, block_m), cdiv(K, block_n)): whether each query block x key tile
         holds a visible pair (TILES calls only; one pass over the bias/mask per tiling, cached)."""
         key = (block_m, block_n)
         if key not in self._occupancy:
             p = self.p
             nblk, nt = triton.cdiv(p.Q, block_m), triton.cdiv(p.K, block_n)
-            occ = torch.empty(p.B * p.H, nblk, nt, dtype=torch.int8, device=self.q.device)
+            occ_h = self.sizes["OCC_H"]
+            occ = torch.empty(p.B * occ_h, nblk, nt, dtype=torch.int8, device=self.q.device)
             f = self.flags
-            tile_occupancy_kernel[(p.B * p.H, nblk)](
+            tile_occupancy_kernel[(p.B * occ_h, nblk)](
                 self.bias, self.mask, self.tv, self.ti, occ, *self.strides[12:], p.Q, p.K, p.H,
-                self.sizes["HB"], self.sizes["HM"], self.sizes["SEL_B"], self.sizes["H_S"], nt,
+                self.sizes["HB"], self.sizes["HM"], self.sizes["SEL_B"], self.sizes["H_S"], occ_h, nt,
                 BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=f["IS_CAUSAL"], HAS_BIAS=f["HAS_BIAS"],
                 BIAS_PER_QUERY=f["BIAS_PER_QUERY"], HAS_MASK=f["HAS_MASK"], MASK_PER_QUERY=f["MASK_PER_QUERY"],
                 PATH=f["PATH"])
@@ -887,8 +902,8 @@ class _Launch:
         (per selection row and query block), W (entries per list) and NBLK.
         LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's
         alive keys, and in Cnt their count and how many of them lead the list visible to the whole
-        block; TILES: per (batch x head, query block) its key tiles of ``block_n``, occupied first,
-        and how many are occupied; placeholders on the other paths."""
+        block; TILES: per (batch x occupancy head, query block) its key tiles of ``block_n``,
+        occupied first, and how many are occupied; placeholders on the other paths."""
         p, sel = self.p, self.sel
         if self.flags["TILES"]:
             order, cnt = _occupied_first(self.occupancy(block_m, block_n))
@@ -904,7 +919,7 @@ class _Launch:
     def key_tiles(self, block_m: int, block_n: int) -> dict:
         """The keys the dk/dv kernel tiles: Idx, Cnt, W, and how many keys to cover (n_keys).
         LIST: the row's list; PREFIX: the row's ever-alive keys (Cnt: how many per row);
-        contiguous keys otherwise, with TILES per (batch x head, key tile of ``block_n``) its query
+        contiguous keys otherwise, with TILES per (batch x occupancy head, key tile of ``block_n``) its query
         blocks of ``block_m``, occupied first, and how many are occupied."""
         p, sel = self.p, self.sel
         if self.flags["TILES"]:
