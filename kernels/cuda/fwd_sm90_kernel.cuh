@@ -12,9 +12,10 @@
 // - warpgroup 0, the producer: walks the block's key tiles and, per tile, gathers the K rows and the
 //   V rows with 16-byte cp.async (rows come through the key list, so TMA tile loads do not apply),
 //   publishes each key's index and query-broadcast bias in sKey/sBias, and signals "K full" and
-//   "V full" on one mbarrier each per stage (cp.async.mbarrier.arrive: the barrier completes when the
-//   copies have landed, without the producer waiting for them). It waits on "K empty" / "V empty"
-//   before reusing a stage. It keeps 40 registers (setmaxnreg) and hands the rest to the consumers.
+//   "V full" on one mbarrier each per stage (cp.async.mbarrier.arrive.noinc, each producer thread's
+//   one arrival per phase: the barrier completes when the copies have landed, without the producer
+//   waiting for them). It waits on "K empty" / "V empty" before reusing a stage. It keeps 40
+//   registers (setmaxnreg) and hands the rest to the consumers.
 // - warpgroups 1 and 2, the consumers: rows 0..63 and 64..127 (tiles.h, fwd_sm90_tile, says why two),
 //   232 registers each. Per key tile t:
 //     S(t) = Q K(t)^T    wgmma SS: Q and K from shared memory (K-major, 128-byte swizzle)
@@ -30,15 +31,27 @@
 // K and V have separate barriers so that a K stage is handed back as soon as S(t) and its masking
 // are done, a whole GEMM earlier than V's: the producer's next K gather starts that much sooner.
 //
-// Status: UNVERIFIED ON A GPU. This structure was written on a machine without one (the previous,
-// simpler version of this kernel passed tests/test_cuda_fwd_sm90.py and memcheck on an H200 and was
-// slower than the sm_80 kernel). It compiles for sm_80, sm_90a and compute_90 (nvcc 13): 168
-// registers at launch, setmaxnreg 40 / 232, no spills, no wgmma serialisation warning; the SASS
-// holds 32 HGMMA per variant at D = 128 (8 for S of the peeled first tile, 8 for S and 8 for O in
-// the loop, 8 for the last O) and 24 at D = 64, and no HMMA; shared memory 163 KiB (D = 128) and
-// 149 KiB (D = 64). The MMA, P-as-A-operand, V-transposed and producer-copy layouts were checked
-// on the host. fwd.cu keeps it switched off by default until the tests pass and
-// benchmarks/cuda_fwd.py shows it faster than sm_80.
+// Status: correct on an H200 (tests/test_cuda_fwd_sm90.py, 162 tests against the float64
+// reference; compute-sanitizer memcheck clean), but compute-sanitizer --tool synccheck reported
+// "Barrier error detected. Missing wait" on the producer's "K full" arrivals: one error per producer
+// thread and key tile (128 on the one-tile smoke shape), at the plain mbarrier.arrive on full_k
+// (shared address 0x25400 at D = 64: full_k of stage 0). Each producer thread arrived twice per
+// phase, once through cp.async.mbarrier.arrive (without .noinc, which raises the pending count and
+// arrives when the copies land) and once with a plain mbarrier.arrive, and synccheck takes a
+// thread's second arrival on a phase it has not waited for as a missing wait. Fixed in this
+// version: the copies' arrival (cp.async.mbarrier.arrive.noinc, on "V full" as well) is the thread's
+// only one, which the barriers' count of 128 producer threads already expected (the producer loop
+// says what that means for sKey/sBias). Re-checked on an H200 only with a standalone driver of this
+// kernel (fp16, D = 64 and 128, 10 shapes: one tile, stage reuse, blocks without keys, Q smaller
+// than a warpgroup's rows, LIST with causal prefixes and empty blocks, bias and mask): synccheck 0
+// errors (the previous version: the errors above), outputs unchanged against a CPU reference;
+// tests/test_cuda_fwd_sm90.py not yet re-run on it. Timed on an H200 before the fix: T32k 3.18 ms
+// against the sm_80 kernel's 2.74 ms, so fwd.cu keeps it switched off by default until
+// benchmarks/cuda_fwd.py shows it faster than sm_80. It compiles for sm_80, sm_90a and compute_90
+// (nvcc 13): 168 registers at launch, setmaxnreg 40 / 232, no spills, no wgmma serialisation
+// warning; the SASS holds 32 HGMMA per variant at D = 128 (8 for S of the peeled first tile, 8 for
+// S and 8 for O in the loop, 8 for the last O) and 24 at D = 64, and no HMMA; shared memory 163 KiB
+// (D = 128) and 149 KiB (D = 64).
 //
 // Non-sm_90a passes (sm_80 SASS, compute_90 PTX) compile an empty body that traps: fwd.cu never
 // launches this kernel unless the build carries sm_90a code and the device is compute capability 9.0.
@@ -279,7 +292,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   int* sKey = reinterpret_cast<int*>(smem + Traits::kSmemQKVBytes);  // [stage][key row]: key, -1 none
   float* sBias = reinterpret_cast<float*>(sKey + kStages * kBlockN); // [stage][key row]: its bias
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kSmemBarrierOffset);
-  uint64_t* full_k = bars;                 // K(t) and sKey/sBias(t) landed: the producer's 128 arrivals
+  uint64_t* full_k = bars;                 // K(t) and sKey/sBias(t) landed: one arrival per producer thread
   uint64_t* empty_k = bars + kStages;      // every consumer is done with K(t) and sKey/sBias(t)
   uint64_t* full_v = bars + 2 * kStages;   // V(t) landed
   uint64_t* empty_v = bars + 3 * kStages;  // every consumer's O += P(t) V(t) has completed
@@ -360,18 +373,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       CUTE_UNROLL
       for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
       if (zero_rows) fence_generic_to_async_smem();
-      // The barrier counts the plain arrival (which also releases sKey/sBias); the cp.async one adds
-      // a pending arrival now and performs it when this thread's copies have landed, so the phase
-      // cannot complete before they have (CUTLASS's PipelineAsync does the same).
-      cutlass::arch::cpasync_barrier_arrive(full_k + stage);
-      Barrier::arrive(full_k + stage);
+      // This thread's one arrival of the phase, performed once its copies of the stage have landed
+      // (.noinc: the barrier's count of 128 producer threads already counts it). The previous
+      // version added a plain mbarrier.arrive to a counting cp.async.mbarrier.arrive: two arrivals
+      // per thread and phase, which compute-sanitizer's synccheck reports as "Missing wait" (a
+      // thread arriving again on a phase it has not waited for). The price: sKey/sBias are no longer
+      // published by a release arrive. Their stores precede the arrival in program order and take a
+      // few cycles, against the global round trip of the copies the arrival waits for; a thread with
+      // no copy in flight (all its rows zero-filled, so it arrives at once) has fenced them above
+      // (fence.proxy.async compiles to MEMBAR.ALL.CTA).
+      cutlass::arch::cpasync_barrier_arrive_noinc(full_k + stage);
 
       Barrier::wait(empty_v + stage, empty_parity);
       Tensor tVs = tVsV(_, _, _, stage);
       fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
       if (zero_rows) fence_generic_to_async_smem();
-      cutlass::arch::cpasync_barrier_arrive(full_v + stage);
-      Barrier::arrive(full_v + stage);
+      cutlass::arch::cpasync_barrier_arrive_noinc(full_v + stage);
 
       fwd_impl::tile_keys<kBlockN>(t + 1, tKVc, limit, list, p.K, keys);  // all -1 past the last tile
     }
