@@ -138,5 +138,6 @@ def gradient_outputs(inputs, needs) -> list:
 
 def plain(*tensors) -> tuple:
     """The tensors without their autograd view: kernels never need it, and DLPack refuses tensors
-    that require grad."""
-    return tuple(None if t is None else t.detach() for t in tensors)
+    that require grad. A tensor that does not require grad is passed as it is (``detach`` makes a
+    new tensor object, host time on every call)."""
+    return tuple(t.detach() if t is not None and t.requires_grad else t for t in tensors)
