@@ -1,6 +1,6 @@
 """The short host path of an eager call: an inference call skips the custom op's wrapping and runs
 the backend directly, with results bitwise equal to the op's; everything that must see the op still
-gets it."""
+gets it; the fast validation accepts and rejects exactly what the full checks do."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmattn
 from cases import Case, backend_params, call_options, device_for, first_dtype, make_inputs, refused
-from dmattn import ops
+from dmattn import ops, problem
 from dmattn.backends.base import plain
 
 # Decode and few-query calls (the split forward of the Triton LIST path), and one per other path.
@@ -140,3 +140,25 @@ def test_plain_detaches_only_what_requires_grad():
     pa, pb, pn = plain(a, b, None)
     assert pa is a and pn is None
     assert pb is not b and not pb.requires_grad and pb.data_ptr() == b.data_ptr()
+
+
+def _valid_calls():
+    """(query, key, value, bias, mask) that make_problem accepts, over the broadcast forms."""
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 7, 2, 8)
+    for bias_shape in [(2, 2, 1, 7), (1, 4, 5, 7), (1, 1, 1, 7), (2, 1, 5, 7)]:
+        for mask_shape in [None, (1, 2, 1, 7), (2, 4, 5, 7)]:
+            mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
+            yield q, k, k, torch.randn(bias_shape).half(), mask
+    yield torch.randn(1, 1, 3, 256), torch.randn(1, 9, 1, 256), torch.randn(1, 9, 1, 256), None, None
+
+
+def test_fast_validation_agrees_with_the_full_checks():
+    for q, k, v, bias, mask in _valid_calls():
+        sizes = problem._check_qkv(q, k, v)
+        assert sizes == problem._explain_qkv(q, k, v)
+        B, Q, H, D, K, H_kv = sizes
+        for name, t, is_mask in (("bias", bias, False), ("mask", mask, True)):
+            if t is not None:
+                args = (name, t, B, H, H_kv, Q, K, q.device, is_mask)
+                got = problem._check_broadcast(*args)
+                assert got == problem._explain_broadcast(*args) and type(got) is tuple
