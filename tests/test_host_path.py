@@ -162,3 +162,13 @@ def test_fast_validation_agrees_with_the_full_checks():
                 args = (name, t, B, H, H_kv, Q, K, q.device, is_mask)
                 got = problem._check_broadcast(*args)
                 assert got == problem._explain_broadcast(*args) and type(got) is tuple
+
+
+def test_host_int_helpers_match_triton():
+    triton = pytest.importorskip("triton")
+    from dmattn.kernels.triton import topk
+    for n in list(range(0, 2100)) + [2**20 - 1, 2**20, 2**20 + 1, 2**31 - 1]:
+        assert topk.next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in (1, 2, 3, 7, 16, 64, 100):
+            assert topk.cdiv(a, b) == triton.cdiv(a, b), (a, b)
