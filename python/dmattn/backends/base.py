@@ -6,6 +6,7 @@ did not declare; dispatch takes the first backend in priority order that has no 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -75,7 +76,7 @@ class Backend:
         if problem.deterministic and not self.deterministic:
             out.append("cannot promise deterministic=True")
         if self.min_capability is not None and problem.device.type == "cuda":
-            cap = torch.cuda.get_device_capability(problem.device)
+            cap = _capability(problem.device)
             if cap < self.min_capability:
                 out.append(f"needs compute capability >= {self.min_capability[0]}.{self.min_capability[1]}, "
                            f"device has {cap[0]}.{cap[1]}")
@@ -101,6 +102,21 @@ class Backend:
     def topk_indices(self, bias, mask, window: int) -> torch.Tensor:
         """Global-scope selected indices per broadcast row (see ``dmattn.topk_indices``)."""
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, remembered per device index: a device's
+    capability does not change, and the query (device properties) is microseconds of host time
+    on every call of a backend that declares a minimum. A device without an index means the
+    current one, which can change, so it is asked each time."""
+    if device.index is None:
+        return torch.cuda.get_device_capability(device)
+    return _indexed_capability(device.index)
 
 
 def _describe(dims: Sequence[int]) -> str:
