@@ -11,7 +11,7 @@ come on top. A GPU run of ``benchmarks/host_overhead.py`` gives the real numbers
 
 The Triton backend takes CPU tensors only under the interpreter; its launch plans are computed as
 on a 132-SM GPU (multi-chunk select, split forward). The cuda backend is made to accept CPU tensors
-with a stand-in for the compiled module.
+with a stand-in for the compiled module that converts its tensor arguments as nanobind does.
 """
 
 from __future__ import annotations
@@ -73,13 +73,21 @@ def _patch_triton():
     attention._split_count = lambda dev, tiles, programs: split_count(_FakeCudaDevice, tiles, programs)
 
 
+def _like_nanobind(*args, **kwargs):
+    """What nanobind does with each ndarray argument before the C++ function runs: a tensor is
+    exported through ``Tensor.__dlpack__`` (Python), a DLPack capsule is taken as it is."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a.__dlpack__(max_version=(1, 0))
+
+
 def _patch_cuda():
     from dmattn import cuda_ext
     from dmattn.backends import cuda as cuda_backend
 
     fake = types.SimpleNamespace(
-        fwd=lambda *a, **k: None, bwd=lambda *a, **k: None, select_lists=lambda *a, **k: None,
-        list_counts=lambda *a, **k: None, select_plan=lambda rows, K, bits, dev, chunk: (8192, 16, 1 << 20),
+        fwd=_like_nanobind, bwd=_like_nanobind, select_lists=_like_nanobind,
+        list_counts=_like_nanobind, select_plan=lambda rows, K, bits, dev, chunk: (8192, 16, 1 << 20),
         fwd_block_m=lambda d: 64, bwd_dq_block_m=lambda d: 64,
         info=lambda: {"fwd_head_dims": "64 128", "bwd_head_dims": "64 128"})
     cuda_ext._cuda = fake

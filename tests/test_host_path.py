@@ -172,3 +172,14 @@ def test_host_int_helpers_match_triton():
     for a in range(0, 300):
         for b in (1, 2, 3, 7, 16, 64, 100):
             assert topk.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_dlpack_capsules_for_the_compiled_modules():
+    from dmattn.backends.base import dlpack
+    a, b = torch.arange(6.0).view(2, 3), torch.ones(2, requires_grad=True)
+    ca, cb, cn = dlpack(a.t(), b, None)
+    assert cn is None
+    # The capsule describes the tensor as it is (a strided view, no copy) and holds it alive.
+    back = torch.utils.dlpack.from_dlpack(ca)
+    assert back.data_ptr() == a.data_ptr() and back.stride() == (1, 3) and torch.equal(back, a.t())
+    assert not torch.utils.dlpack.from_dlpack(cb).requires_grad

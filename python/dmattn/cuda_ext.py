@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import new_output, plain
+from .backends.base import dlpack, new_output, plain
 
 try:
     _cuda = importlib.import_module("dmattn._cuda")
@@ -59,8 +59,7 @@ def topk_indices(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
     out = new_output(tuple(rows) + (min(window, bias.shape[-1]),), torch.int64, bias.device)
     workspace = torch.empty(n_rows * window * _KEY_BYTES, dtype=torch.uint8, device=bias.device)
     stream = current_stream(bias.device)
-    _cuda.topk_indices(bias.detach(), None if mask is None else mask.detach(), out, workspace,
-                       window=window, stream=stream)
+    _cuda.topk_indices(*dlpack(bias, mask, out, workspace), window=window, stream=stream)
     return out
 
 
@@ -160,7 +159,7 @@ def select_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
         counts = new_output((B_s, H_s, -(-Q // block_m)), torch.int32, dev)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     with on_device(dev):
-        _cuda.select_lists(bias, mask, idx, counts, workspace, window=int(window), Q=int(Q),
+        _cuda.select_lists(*dlpack(bias, mask, idx, counts, workspace), window=int(window), Q=int(Q),
                            block_m=int(block_m or 1), causal=bool(is_causal), chunk=chunk,
                            stream=current_stream(dev))
     return idx, counts
@@ -174,8 +173,8 @@ def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: b
     idx = idx.contiguous()
     counts = new_output((idx.shape[0], idx.shape[1], -(-Q // block_m)), torch.int32, idx.device)
     with on_device(idx.device):
-        _cuda.list_counts(idx, counts, K=int(K), Q=int(Q), block_m=int(block_m), causal=bool(is_causal),
-                          stream=current_stream(idx.device))
+        _cuda.list_counts(*dlpack(idx, counts), K=int(K), Q=int(Q), block_m=int(block_m),
+                          causal=bool(is_causal), stream=current_stream(idx.device))
     return counts
 
 
@@ -212,8 +211,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
     q, k, v, bias, mask, idx, counts = plain(q, k, v, bias, mask, idx, counts)
     q, k, v = _kernel_rows(q), _kernel_rows(k), _kernel_rows(v)
     with on_device(q.device):
-        _cuda.fwd(q, k, v, bias, mask, out, lse, idx, counts, scale=float(D ** -0.5 if scale is None else scale),
-                  softcap=float(softcap or 0.0), causal=bool(is_causal), stream=current_stream(q.device))
+        _cuda.fwd(*dlpack(q, k, v, bias, mask, out, lse, idx, counts),
+                  scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
+                  causal=bool(is_causal), stream=current_stream(q.device))
     return out, lse
 
 
@@ -290,7 +290,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dout, q, k, v, out = (_kernel_rows(t) for t in (dout, q, k, v, out))
     with on_device(dev):
         stream = current_stream(dev)
-        _cuda.bwd(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys, ds,
+        _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
+                          ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
                   causal=bool(is_causal), stream=stream)
 

@@ -11,6 +11,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from ..problem import Problem
 
@@ -150,6 +151,14 @@ def gradient_outputs(inputs, needs) -> list:
     """One contiguous gradient per (input, wanted) pair in the input's shape and dtype, else None."""
     return [new_output(t.shape, t.dtype, t.device) if n and t is not None else None
             for t, n in zip(inputs, needs)]
+
+
+def dlpack(*tensors) -> list:
+    """The tensors as DLPack capsules for a compiled (nanobind) module, without their autograd view
+    (None stays None). nanobind takes a capsule as it takes the tensor, but a tensor goes through
+    ``torch.Tensor.__dlpack__``, whose Python checks cost ~1.5 us per tensor: a decode call of the
+    cuda backend passes a dozen. A capsule is used once: make them at the call."""
+    return [None if t is None else _to_dlpack(t.detach() if t.requires_grad else t) for t in tensors]
 
 
 def plain(*tensors) -> tuple:
