@@ -842,10 +842,9 @@ class _Launch:
     """The arguments every kernel shares for one call: tensors or placeholders, strides, sizes,
     the selection metadata and the compile-time flags."""
 
-    def __init__(self, p, q, k, v, bias, mask):
+    def __init__(self, p, q, k, v, bias, mask, sel=None):
         self.p = p
-        self.sel = make_selection(bias, mask, window=p.effective_window, K=p.K, Q=p.Q, scope=p.topk_scope,
-                                  is_causal=p.is_causal)
+        self.sel = sel if sel is not None else _selection(p, bias, mask)
         ints, floats = _placeholders(q.device)
         sel = self.sel
         self.ints = ints
@@ -939,14 +938,19 @@ class _Launch:
         return dict(Idx=self.ints, Cnt=self.ints, W=0), p.K
 
 
+def _selection(p, bias, mask):
+    return make_selection(bias, mask, window=p.effective_window, K=p.K, Q=p.Q, scope=p.topk_scope,
+                          is_causal=p.is_causal)
+
+
 def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fills ``out`` (B, Q, H, D) and ``lse`` (B, H, Q) float32, both contiguous. ``p`` is the
     call's Problem (sizes, scale, softcap, causality, window and scope)."""
-    a = _Launch(p, q, k, v, bias, mask)
-    group = p.H // p.H_kv
-    if a.sel.path == LIST and p.Q * group <= _SPLIT_ROWS and a.sel.H_s <= p.H_kv:
-        _forward_split(a, out, lse)
+    sel = _selection(p, bias, mask)
+    if sel.path == LIST and p.Q * (p.H // p.H_kv) <= _SPLIT_ROWS and sel.H_s <= p.H_kv:
+        _forward_split(p, sel, q, k, v, bias, out, lse)
         return
+    a = _Launch(p, q, k, v, bias, mask, sel)
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     lists = a.query_lists(bm, bn)
@@ -978,27 +982,33 @@ def _split_count(dev: torch.device, tiles: int, programs: int) -> int:
     return max(1, min(tiles, 2 * topk._sm_count(dev.index) // programs))
 
 
-def _forward_split(a: "_Launch", out: torch.Tensor, lse: torch.Tensor) -> None:
-    p, q = a.p, a.q
+def _forward_split(p, sel, q, k, v, bias, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """The decode forward: split kernel, then combine. It reads only what these two launches need
+    (not a ``_Launch``) and computes sizes with plain ints (``topk.cdiv``): at one query this is
+    all host time, which the GPU does not hide."""
     group = p.H // p.H_kv
-    bm = max(16, triton.next_power_of_2(p.Q * group))
+    bm = max(16, topk.next_power_of_2(p.Q * group))
     bn = 32 if INTERPRETED else 64
-    width = a.sel.idx.shape[-1]
-    nsplit = triton.next_power_of_2(_split_count(q.device, triton.cdiv(width, bn), p.B * p.H_kv))
-    chunk = triton.cdiv(triton.cdiv(width, nsplit), bn) * bn
-    bd = _head_block(p.D)
+    width = sel.idx.shape[-1]
+    nsplit = topk.next_power_of_2(_split_count(q.device, topk.cdiv(width, bn), p.B * p.H_kv))
+    chunk = topk.cdiv(topk.cdiv(width, nsplit), bn) * bn
+    bd = max(16, topk.next_power_of_2(p.D))  # _head_block
     rows = p.B * p.H * p.Q
-    # One allocation for the three partials (each allocation shows in the host time of decode).
-    part = torch.empty(nsplit * rows * (bd + 2), dtype=torch.float32, device=q.device)
-    part_o = part[:nsplit * rows * bd].view(nsplit, rows, bd)
-    part_m = part[nsplit * rows * bd:nsplit * rows * (bd + 1)].view(nsplit, rows)
-    part_l = part[nsplit * rows * (bd + 1):].view(nsplit, rows)
+    # One allocation for the three partials (each allocation shows in the host time of decode);
+    # the kernels index them flat, so 1-D pieces do.
+    n = nsplit * rows
+    part = torch.empty(n * (bd + 2), dtype=torch.float32, device=q.device)
+    part_o, part_m, part_l = part.split_with_sizes((n * bd, n, n))
+    if bias is None:
+        b_arg, b_strides, hb = q, (0, 0, 0, 0), 1
+    else:
+        b_arg, b_strides, hb = bias, _broadcast_strides(bias), bias.shape[1]
     dma_fwd_split_kernel[(nsplit, p.B * p.H_kv)](
-        q, a.k, a.v, a.bias, part_o, part_m, part_l, a.sel.idx, *a.strides[:16],
-        Q=p.Q, K=p.K, H=p.H, GROUP=group, D=p.D, HB=a.sizes["HB"], SEL_B=a.sizes["SEL_B"], H_S=a.sizes["H_S"],
-        W=width, NSPLIT=nsplit, CHUNK=chunk, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        IS_CAUSAL=p.is_causal, HAS_BIAS=a.flags["HAS_BIAS"], SOFTCAP=a.flags["SOFTCAP"], UPCAST=INTERPRETED,
-        num_warps=4, num_stages=1 if INTERPRETED else 2)
+        q, k, v, b_arg, part_o, part_m, part_l, sel.idx, *q.stride(), *k.stride(), *v.stride(), *b_strides,
+        Q=p.Q, K=p.K, H=p.H, GROUP=group, D=p.D, HB=hb, SEL_B=sel.H_s if sel.B_s > 1 else 0, H_S=sel.H_s,
+        W=width, NSPLIT=nsplit, CHUNK=chunk, scale=p.scale, softcap=p.softcap or 1.0, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=bd, IS_CAUSAL=p.is_causal, HAS_BIAS=bias is not None, SOFTCAP=p.softcap is not None,
+        UPCAST=INTERPRETED, num_warps=4, num_stages=1 if INTERPRETED else 2)
     dma_fwd_combine_kernel[(rows,)](part_o, part_m, part_l, out, lse, rows, p.Q, p.H, group, *out.stride(),
                                     D=p.D, NSPLIT=nsplit, BLOCK_D=bd)
 

@@ -82,8 +82,10 @@ def choose_path(window: Optional[int], K: int, query_broadcast: bool, prefixes: 
 
 def selection_rows(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> tuple[int, int]:
     """(B_s, H_s): the broadcast batch and head sizes of bias and mask."""
-    shapes = [t.shape for t in (bias, mask) if t is not None]
-    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+    if mask is None or bias is None:
+        s = (bias if mask is None else mask).shape
+        return s[0], s[1]
+    return max(bias.shape[0], mask.shape[0]), max(bias.shape[1], mask.shape[1])
 
 
 def _rows(t: torch.Tensor, B_s: int, H_s: int, q0: int, q1: int) -> torch.Tensor:
@@ -186,7 +188,7 @@ def thresholds(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, B_
 def make_selection(bias, mask, *, window: Optional[int], K: int, Q: int, scope: str, is_causal: bool,
                    rows: Optional[tuple[int, int]] = None) -> Selection:
     """The metadata of one attention call (``rows`` overrides the selection rows (B_s, H_s))."""
-    query_broadcast = all(t is None or t.shape[2] == 1 for t in (bias, mask))
+    query_broadcast = (bias is None or bias.shape[2] == 1) and (mask is None or mask.shape[2] == 1)
     path = choose_path(window, K, query_broadcast, ranks_prefixes(scope, is_causal, Q))
     if path == DENSE:
         return Selection(DENSE)

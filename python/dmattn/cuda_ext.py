@@ -7,13 +7,14 @@ the CuTe attention forward (``forward``) and backward (``backward``) that the ``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from typing import Optional
 
 import torch
 
-from .backends.base import new_output, plain
+from .backends.base import dlpack, new_output, plain
 
 try:
     _cuda = importlib.import_module("dmattn._cuda")
@@ -24,6 +25,24 @@ except ImportError as exc:  # kept for `python -m dmattn`
 
 # One heap entry of the selection workspace: a (double value, int64 index) key.
 _KEY_BYTES = 16
+
+_SAME_DEVICE = contextlib.nullcontext()
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def on_device(dev: torch.device):
+    """``torch.cuda.device(dev)``: the module launches on the current device and checks that it is
+    the tensors'. When it already is there is nothing to enter (entering and leaving costs a few
+    microseconds of host time per call)."""
+    return _SAME_DEVICE if dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+
+
+def current_stream(dev: torch.device) -> int:
+    """``torch.cuda.current_stream(dev).cuda_stream`` without building a ``torch.cuda.Stream``
+    object (the raw query is what Triton's launcher uses too)."""
+    if _raw_stream is not None:
+        return _raw_stream(dev.index)
+    return torch.cuda.current_stream(dev).cuda_stream
 
 
 def available() -> bool:
@@ -39,9 +58,8 @@ def topk_indices(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
     n_rows = rows[0] * rows[1] * rows[2]
     out = new_output(tuple(rows) + (min(window, bias.shape[-1]),), torch.int64, bias.device)
     workspace = torch.empty(n_rows * window * _KEY_BYTES, dtype=torch.uint8, device=bias.device)
-    stream = torch.cuda.current_stream(bias.device).cuda_stream
-    _cuda.topk_indices(bias.detach(), None if mask is None else mask.detach(), out, workspace,
-                       window=window, stream=stream)
+    stream = current_stream(bias.device)
+    _cuda.topk_indices(*dlpack(bias, mask, out, workspace), window=window, stream=stream)
     return out
 
 
@@ -79,11 +97,16 @@ def fwd_block_m(head_dim: int) -> int:
 
 
 def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
-    """q/k/v/out as the kernel reads them: contiguous head dim, 16-byte aligned data and strides
-    (a copy otherwise; an aligned contiguous tensor is not copied)."""
+    """A 4-D q/k/v/out as the kernel reads it: contiguous head dim, 16-byte aligned data and
+    strides (a copy otherwise; an aligned contiguous tensor is not copied). Any other rank is
+    passed on as it is, for the module to reject with the argument's name."""
+    if t.dim() != 4:
+        return t
+    b, m, h, _ = t.shape
+    sb, sm, sh, sd = t.stride()
     nbytes = t.element_size()
-    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-          and all(t.stride(d) * nbytes % 16 == 0 for d in range(3) if t.shape[d] > 1))
+    ok = (sd == 1 and t.data_ptr() % 16 == 0 and (b <= 1 or sb * nbytes % 16 == 0)
+          and (m <= 1 or sm * nbytes % 16 == 0) and (h <= 1 or sh * nbytes % 16 == 0))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
@@ -97,8 +120,9 @@ def _select_plan(rows: int, K: int, bits: int, device: int, chunk: int) -> tuple
 
 def _selection_rows(bias: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[int, int]:
     """(B_s, H_s): the broadcast batch and head sizes of bias and mask."""
-    shapes = [t.shape for t in (bias, mask) if t is not None]
-    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+    if mask is None:
+        return bias.shape[0], bias.shape[1]
+    return max(bias.shape[0], mask.shape[0]), max(bias.shape[1], mask.shape[1])
 
 
 def select_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, rows: Optional[tuple] = None, *,
@@ -134,10 +158,10 @@ def select_lists(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, 
     if block_m is not None:
         counts = new_output((B_s, H_s, -(-Q // block_m)), torch.int32, dev)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        _cuda.select_lists(bias, mask, idx, counts, workspace, window=int(window), Q=int(Q),
-                           block_m=int(block_m or 1), causal=bool(is_causal), chunk=chunk, stream=stream)
+    with on_device(dev):
+        _cuda.select_lists(*dlpack(bias, mask, idx, counts, workspace), window=int(window), Q=int(Q),
+                           block_m=int(block_m or 1), causal=bool(is_causal), chunk=chunk,
+                           stream=current_stream(dev))
     return idx, counts
 
 
@@ -148,9 +172,9 @@ def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: b
     (idx,) = plain(idx)
     idx = idx.contiguous()
     counts = new_output((idx.shape[0], idx.shape[1], -(-Q // block_m)), torch.int32, idx.device)
-    with torch.cuda.device(idx.device):
-        _cuda.list_counts(idx, counts, K=int(K), Q=int(Q), block_m=int(block_m), causal=bool(is_causal),
-                          stream=torch.cuda.current_stream(idx.device).cuda_stream)
+    with on_device(idx.device):
+        _cuda.list_counts(*dlpack(idx, counts), K=int(K), Q=int(Q), block_m=int(block_m),
+                          causal=bool(is_causal), stream=current_stream(idx.device))
     return counts
 
 
@@ -161,7 +185,7 @@ def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: 
     (window >= K, a per-query bias/mask). Global scope; the mask is folded into idx, so ``forward``
     needs no mask with it."""
     K = bias.shape[-1]
-    if window >= K or any(t is not None and t.shape[2] != 1 for t in (bias, mask)):
+    if window >= K or bias.shape[2] != 1 or (mask is not None and mask.shape[2] != 1):
         return None
     return select_lists(bias, mask, window, rows, Q=Q, block_m=fwd_block_m(head_dim), is_causal=is_causal,
                         chunk=chunk)
@@ -185,11 +209,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
     if lse is None:
         lse = new_output((B, H, Q), torch.float32, q.device)
     q, k, v, bias, mask, idx, counts = plain(q, k, v, bias, mask, idx, counts)
-    q, k, v = (_kernel_rows(t) for t in (q, k, v))
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        _cuda.fwd(q, k, v, bias, mask, out, lse, idx, counts, scale=float(D ** -0.5 if scale is None else scale),
-                  softcap=float(softcap or 0.0), causal=bool(is_causal), stream=stream)
+    q, k, v = _kernel_rows(q), _kernel_rows(k), _kernel_rows(v)
+    with on_device(q.device):
+        _cuda.fwd(*dlpack(q, k, v, bias, mask, out, lse, idx, counts),
+                  scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
+                  causal=bool(is_causal), stream=current_stream(q.device))
     return out, lse
 
 
@@ -264,9 +288,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     dout, q, k, v, out, lse, bias, mask, idx = plain(dout, q, k, v, out, lse, bias, mask, idx)
     dout, q, k, v, out = (_kernel_rows(t) for t in (dout, q, k, v, out))
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        _cuda.bwd(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys, ds,
+    with on_device(dev):
+        stream = current_stream(dev)
+        _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
+                          ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
                   causal=bool(is_causal), stream=stream)
 

@@ -86,8 +86,34 @@ def _backward(ctx, dout, _dlse):
 torch.library.register_autograd("dmattn::fwd", _backward, setup_context=_setup_context, lib=_lib)
 
 
+_fwd_op = torch.ops.dmattn.fwd.default
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _runs_directly(q, k, v, bias, mask) -> bool:
+    """Whether an eager call may skip ``dmattn::fwd`` and run the backend's forward itself: what the
+    op would do then (no autograd node: grad off or no input requires it) minus its host cost, ~20
+    us of boxing and autograd wrapping per call, most of a decode step's host time. Everything that
+    must see the op gets it: torch.compile and jit tracing, functorch transforms, torch function and
+    dispatch modes (FakeTensorMode, make_fx, FlopCounterMode, ``with torch.device(...)``), tensor
+    subclasses, and the profiler (its traces name dmattn::fwd)."""
+    C = torch._C
+    return not (torch.compiler.is_compiling()
+                or (C.is_grad_enabled() and C._any_requires_grad(q, k, v, bias, mask))
+                or C._are_functorch_transforms_active()
+                or C._is_torch_function_mode_enabled()
+                or C._len_torch_dispatch_stack()
+                or C._get_tracing_state() is not None
+                or C._autograd._profiler_enabled()
+                or type(q) not in _PLAIN_TYPES or type(k) not in _PLAIN_TYPES or type(v) not in _PLAIN_TYPES
+                or (bias is not None and type(bias) not in _PLAIN_TYPES)
+                or (mask is not None and type(mask) not in _PLAIN_TYPES))
+
+
 def attention_op(q, k, v, bias, mask, problem: Problem, backend: str):
-    """Calls ``dmattn::fwd`` for a validated Problem; returns ``(out, lse)``."""
-    return torch.ops.dmattn.fwd(q, k, v, bias, mask, problem.scale, problem.softcap or 0.0,
-                                problem.is_causal, problem.window or 0, problem.topk_scope == "global",
-                                problem.deterministic, backend)
+    """Calls ``dmattn::fwd`` for a validated Problem, or the backend's forward directly when nothing
+    can tell the difference (``_runs_directly``); returns ``(out, lse)``."""
+    if _runs_directly(q, k, v, bias, mask):
+        return BACKENDS[backend].forward(problem, q, k, v, bias, mask)
+    return _fwd_op(q, k, v, bias, mask, problem.scale, problem.softcap or 0.0, problem.is_causal,
+                   problem.window or 0, problem.topk_scope == "global", problem.deterministic, backend)

@@ -96,6 +96,24 @@ def ranks_prefixes(topk_scope: str, is_causal: bool, Q: int) -> bool:
 
 
 def _check_qkv(query, key, value):
+    """Validates query, key and value; returns (B, Q, H, D, K, H_kv). The common case passes one
+    chain of comparisons; anything it does not accept goes through ``_explain_qkv``, which raises
+    the error that names the argument (or returns the same sizes)."""
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor):
+        q_shape, k_shape = query.shape, key.shape
+        if len(q_shape) == 4 and len(k_shape) == 4 and value.shape == k_shape:
+            B, Q, H, D = q_shape
+            Bk, K, H_kv, Dk = k_shape
+            dtype, device = query.dtype, query.device
+            if (dtype in SUPPORTED_DTYPES and key.dtype == dtype and value.dtype == dtype
+                    and key.device == device and value.device == device and Bk == B and Dk == D
+                    and B >= 1 and Q >= 1 and H >= 1 and K >= 1 and H_kv >= 1 and 1 <= D <= MAX_HEAD_DIM
+                    and H % H_kv == 0):
+                return B, Q, H, D, K, H_kv
+    return _explain_qkv(query, key, value)
+
+
+def _explain_qkv(query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,7 +147,20 @@ def _check_qkv(query, key, value):
 
 
 def _check_broadcast(name: str, t, B: int, H: int, H_kv: int, Q: int, K: int, device, is_mask: bool):
-    """Validates a bias or mask against (B|1, H|H_kv|1, Q|1, K); returns its 4-D shape."""
+    """Validates a bias or mask against (B|1, H|H_kv|1, Q|1, K); returns its 4-D shape. The common
+    case passes one chain of comparisons; ``_explain_broadcast`` raises the error otherwise."""
+    if isinstance(t, torch.Tensor):
+        shape = t.shape
+        if len(shape) == 4:
+            b, h, q, k = shape
+            dtype = t.dtype
+            if ((dtype == torch.bool if is_mask else dtype in SUPPORTED_DTYPES) and t.device == device
+                    and (b == B or b == 1) and (h == H or h == H_kv or h == 1) and (q == Q or q == 1) and k == K):
+                return b, h, q, k
+    return _explain_broadcast(name, t, B, H, H_kv, Q, K, device, is_mask)
+
+
+def _explain_broadcast(name: str, t, B: int, H: int, H_kv: int, Q: int, K: int, device, is_mask: bool):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if is_mask and t.dtype != torch.bool:

@@ -6,10 +6,12 @@ did not declare; dispatch takes the first backend in priority order that has no 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from ..problem import Problem
 
@@ -75,7 +77,7 @@ class Backend:
         if problem.deterministic and not self.deterministic:
             out.append("cannot promise deterministic=True")
         if self.min_capability is not None and problem.device.type == "cuda":
-            cap = torch.cuda.get_device_capability(problem.device)
+            cap = _capability(problem.device)
             if cap < self.min_capability:
                 out.append(f"needs compute capability >= {self.min_capability[0]}.{self.min_capability[1]}, "
                            f"device has {cap[0]}.{cap[1]}")
@@ -101,6 +103,21 @@ class Backend:
     def topk_indices(self, bias, mask, window: int) -> torch.Tensor:
         """Global-scope selected indices per broadcast row (see ``dmattn.topk_indices``)."""
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, remembered per device index: a device's
+    capability does not change, and the query (device properties) is microseconds of host time
+    on every call of a backend that declares a minimum. A device without an index means the
+    current one, which can change, so it is asked each time."""
+    if device.index is None:
+        return torch.cuda.get_device_capability(device)
+    return _indexed_capability(device.index)
 
 
 def _describe(dims: Sequence[int]) -> str:
@@ -136,7 +153,16 @@ def gradient_outputs(inputs, needs) -> list:
             for t, n in zip(inputs, needs)]
 
 
+def dlpack(*tensors) -> list:
+    """The tensors as DLPack capsules for a compiled (nanobind) module, without their autograd view
+    (None stays None). nanobind takes a capsule as it takes the tensor, but a tensor goes through
+    ``torch.Tensor.__dlpack__``, whose Python checks cost ~1.5 us per tensor: a decode call of the
+    cuda backend passes a dozen. A capsule is used once: make them at the call."""
+    return [None if t is None else _to_dlpack(t.detach() if t.requires_grad else t) for t in tensors]
+
+
 def plain(*tensors) -> tuple:
     """The tensors without their autograd view: kernels never need it, and DLPack refuses tensors
-    that require grad."""
-    return tuple(None if t is None else t.detach() for t in tensors)
+    that require grad. A tensor that does not require grad is passed as it is (``detach`` makes a
+    new tensor object, host time on every call)."""
+    return tuple(t.detach() if t is not None and t.requires_grad else t for t in tensors)

@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output, plain
+from .base import ALL_FEATURES, Backend, dlpack, forward_outputs, gradient_outputs, new_output
 
 try:
     _C = importlib.import_module("dmattn._C")
@@ -36,12 +36,12 @@ class CpuBackend(Backend):
 
     def forward(self, problem, q, k, v, bias, mask):
         out, lse = forward_outputs(problem, q)
-        _C.fwd(*plain(q, k, v, bias, mask), out, lse, **_kernel_args(problem))
+        _C.fwd(*dlpack(q, k, v, bias, mask, out, lse), **_kernel_args(problem))
         return out, lse
 
     def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
         grads = gradient_outputs((q, k, v, bias), needs)
-        _C.bwd(*plain(q, k, v, bias, mask, out, dout, lse), *grads,
+        _C.bwd(*dlpack(q, k, v, bias, mask, out, dout, lse, *grads),
                deterministic=problem.deterministic, **_kernel_args(problem))
         return tuple(grads)
 
@@ -49,7 +49,7 @@ class CpuBackend(Backend):
         p = problem
         out = new_output((p.B, p.H, p.Q, p.K), torch.bool, bias.device)
         args = _kernel_args(p)
-        _C.visible_mask(*plain(bias, mask), out, B=p.B, H=p.H, Hkv=p.H_kv, Q=p.Q, K=p.K,
+        _C.visible_mask(*dlpack(bias, mask, out), B=p.B, H=p.H, Hkv=p.H_kv, Q=p.Q, K=p.K,
                         is_causal=p.is_causal, window=args["window"], scope_global=args["scope_global"],
                         num_threads=args["num_threads"])
         return out
@@ -58,5 +58,5 @@ class CpuBackend(Backend):
         shapes = [bias.shape] + ([mask.shape] if mask is not None else [])
         rows = tuple(max(s[d] for s in shapes) for d in range(3))
         out = new_output(rows + (min(window, bias.shape[-1]),), torch.int64, bias.device)
-        _C.topk_indices(*plain(bias, mask), out, window=window, num_threads=torch.get_num_threads())
+        _C.topk_indices(*dlpack(bias, mask, out), window=window, num_threads=torch.get_num_threads())
         return out

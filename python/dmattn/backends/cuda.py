@@ -80,7 +80,7 @@ class CudaBackend(Backend):
     def forward(self, problem, q, k, v, bias, mask):
         p = problem
         out, lse = forward_outputs(p, q)
-        with torch.cuda.device(q.device):
+        with cuda_ext.on_device(q.device):
             idx, counts, kernel_mask = self._keys(p, bias, mask)
             cuda_ext.forward(q, k, v, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
                              is_causal=p.is_causal, idx=idx, counts=counts, out=out, lse=lse)
@@ -93,7 +93,7 @@ class CudaBackend(Backend):
         # The dk/dv kernel writes both: the one nobody asked for goes to a scratch buffer.
         dk_buf = dk if dk is not None or not need_dkdv else new_output(k.shape, k.dtype, k.device)
         dv_buf = dv if dv is not None or not need_dkdv else new_output(v.shape, v.dtype, v.device)
-        with torch.cuda.device(q.device):
+        with cuda_ext.on_device(q.device):
             idx, _, kernel_mask = self._keys(p, bias, mask)
             got_dq, got_dk, got_dv, got_dbias = cuda_ext.backward(
                 dout, q, k, v, out, lse, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
@@ -107,7 +107,7 @@ class CudaBackend(Backend):
         p = problem
         if p.effective_window is None:
             return None
-        with torch.cuda.device(bias.device):
+        with cuda_ext.on_device(bias.device):
             return cuda_ext.list_selection(bias, mask, window=p.effective_window, Q=p.Q, head_dim=p.D,
                                            is_causal=p.is_causal)
 
@@ -120,7 +120,7 @@ class CudaBackend(Backend):
     def topk_indices(self, bias, mask, window):
         bias, mask = plain(bias, mask)
         K = bias.shape[-1]
-        with torch.cuda.device(bias.device):
+        with cuda_ext.on_device(bias.device):
             if all(t is None or t.shape[2] == 1 for t in (bias, mask)):
                 idx = cuda_ext.select_lists(bias, mask, window)[0].unsqueeze(2).long()
                 return idx.masked_fill_(idx == K, -1)

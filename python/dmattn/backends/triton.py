@@ -79,6 +79,13 @@ class TritonBackend(Backend):
         return idx.masked_fill_(idx == bias.shape[-1], -1)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _device_of(t):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device. Entering
+    ``torch.cuda.device`` costs a few microseconds per call; when the device is already current
+    there is nothing to switch."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
