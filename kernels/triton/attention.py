@@ -333,6 +333,58 @@ def _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb
 
 
 @triton.jit
+def _compact_rows(C, c_off, start, n_ok, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
+    """List positions ``start`` .. ``start + BLOCK_N - 1`` of a compact (rows, D) key or value
+    buffer whose list starts at row ``c_off``, [BLOCK_N, BLOCK_D]: no address depends on an index.
+    USE_DESC: C is a tensor descriptor with block [BLOCK_N, D] (D == BLOCK_D) and the load is one
+    TMA copy on sm_90; it also reads the positions past ``limit`` of a tested tile (real keys beyond
+    the causal limit, or zero padding), whose probabilities are exactly 0."""
+    if USE_DESC:
+        x = C.load([(c_off + start).to(tl.int32), 0])
+    else:
+        ptrs = C + (c_off + start + tl.arange(0, BLOCK_N))[:, None].to(tl.int64) * D + offs_d[None, :]
+        if FULL and D == BLOCK_D:
+            x = tl.load(ptrs)
+        elif FULL:
+            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m, offs_d, m_ok,
+                      off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                      UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
+    """``_fwd_tile`` of the LIST path over the compact buffers (``forward``, COMPACT_LIST): key,
+    value and bias rows of list positions ``start`` .. are contiguous. The key indices are loaded
+    only on tested tiles, for the causal test; a FULL tile touches no index. The arithmetic is that
+    of ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
+    k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        if FULL:
+            braw = tl.load(BC + c_off + pos)
+        else:
+            braw = tl.load(BC + c_off + pos, mask=n_ok, other=0.0)
+        s = s + braw[None, :].to(tl.float32) * LOG2E
+    if not FULL:
+        vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
+        if IS_CAUSAL:
+            offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)  # [BLOCK_N]
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        s = tl.where(vis, s, float("-inf"))
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
+    v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn, svd,
               offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K, scale, softcap,
               D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -352,18 +404,22 @@ def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, sk
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=_SIZES + ("NBLK",))
+@triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH"))
 def dma_fwd_kernel(
     Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sob, som, soh, sod,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
-    scale, softcap,
+    scale, softcap, KC, VC, BC, CH, WC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, TILES: tl.constexpr,
+    COMPACT: tl.constexpr = False, USE_DESC: tl.constexpr = False,
 ):
+    """COMPACT (LIST path only): keys, values and bias values come from the compact buffers KC, VC
+    (rows of D elements, or tensor descriptors with USE_DESC) and BC, WC rows per list, one list
+    per (batch, compact head h * CH // H); see ``_compact_lists``."""
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
@@ -375,16 +431,27 @@ def dma_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Tiles every query of the block sees in full first, then the tested rest (the causal edge).
-    for start in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
-                                  v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
-                                  tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, True)
-    for start in range(full, limit, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
-                                  v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn,
-                                  tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                  BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, False)
+    if COMPACT:
+        c_off = (b * CH + h * CH // H).to(tl.int64) * WC
+        for start in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
+                                              IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, True)
+        for start in range(full, limit, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
+                                              IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False)
+    else:
+        for start in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
+                                      v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm,
+                                      smn, tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                      BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, True)
+        for start in range(full, limit, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
+                                      v_base, svn, svd, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm,
+                                      smn, tv, ti, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                      BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, TILES, False)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -392,6 +459,36 @@ def dma_fwd_kernel(
     tl.store(Out + b * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * som + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit(do_not_specialize=("K", "W", "WC", "H", "CH", "GROUP", "HB", "SEL_B", "H_S"))
+def compact_gather_kernel(Kp, Vp, Bp, Idx, KC, VC, BC, skb, skn, skh, skd, svb, svn, svh, svd, sbb, sbh, sbn,
+                          K, W, WC, H, CH, GROUP, HB, SEL_B, H_S, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Program (batch x compact head, block of list positions): the key and value rows (D each) and
+    bias values of its list's entries into KC, VC, BC at row (b * CH + hc) * WC + position; the
+    padding (sentinel K, and positions W .. WC - 1) gets zeros. Compact head hc serves query heads
+    hc * H // CH .. (hc + 1) * H // CH - 1, which share a selection row, a kv head and a bias head."""
+    pid = tl.program_id(0)
+    b = (pid // CH).to(tl.int64)
+    h = pid % CH * (H // CH)  # the first query head of the compact head
+    row = b * SEL_B + h * H_S // H
+    pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
+    keys = tl.load(Idx + row * W + pos, mask=pos < W, other=K)
+    ok = keys < K
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    kj = keys[:, None].to(tl.int64)
+    g = (h // GROUP).to(tl.int64)
+    krows = tl.load(Kp + b * skb + g * skh + kj * skn + offs_d[None, :] * skd, mask=ok[:, None] & d_ok, other=0.0)
+    vrows = tl.load(Vp + b * svb + g * svh + kj * svn + offs_d[None, :] * svd, mask=ok[:, None] & d_ok, other=0.0)
+    dst = pid.to(tl.int64) * WC + pos  # [BLOCK_P]
+    st = (pos < WC)[:, None] & d_ok
+    tl.store(KC + dst[:, None] * D + offs_d[None, :], krows, mask=st)
+    tl.store(VC + dst[:, None] * D + offs_d[None, :], vrows, mask=st)
+    if HAS_BIAS:
+        braw = tl.load(Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh + keys.to(tl.int64) * sbn, mask=ok, other=0.0)
+        tl.store(BC + dst, braw, mask=pos < WC)
 
 
 @triton.jit
@@ -954,10 +1051,70 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     lists = a.query_lists(bm, bn)
+    if COMPACT_LIST and a.sel.path == LIST:
+        compact = _compact_lists(a, bn)
+    else:
+        compact = dict(KC=a.ints, VC=a.ints, BC=a.ints, CH=1, WC=0)
     grid = (p.B * p.H, triton.cdiv(p.Q, bm))
     dma_fwd_kernel[grid](
         q, k, v, a.bias, a.mask, out, lse, lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death,
-        *a.strides, *out.stride(), **a.sizes, **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn, **a.flags, **cfg)
+        *a.strides, *out.stride(), **a.sizes, **lists, **a.scalars, **compact, BLOCK_M=bm, BLOCK_N=bn, **a.flags,
+        **cfg)
+
+
+# Experiment (off until an A/B on the GPU shows it pays): the forward of a LIST call reads keys,
+# values and bias values from contiguous copies of the selected rows (``_compact_lists``) instead of
+# gathering them through the indices in every tile. The copies cost one gather launch and
+# 2 * B * CH * WC * D elements (+ B * CH * WC bias values) per call: T32k (B 1, H_kv 8, w 2048,
+# D 128, bf16) 8 MB.
+COMPACT_LIST = False
+# Whether the compact forward loads key and value tiles through tensor descriptors (TMA on sm_90):
+# None picks them on CUDA devices of compute capability 9 or more when D is a power of two >= 16
+# (a descriptor's block must span the row); True/False force it (the interpreter runs both).
+COMPACT_DESC = None
+
+
+def _compact_heads(H: int, H_kv: int, H_s: int) -> int:
+    """Compact heads: the fewest classes of query heads that share a selection row and a kv head
+    (bias heads are among 1, H_kv, H and never outnumber the selection heads). Head counts are
+    among 1, H_kv, H, so H_kv classes suffice unless the selection has one row per query head."""
+    return H if H_s == H else H_kv
+
+
+def _use_desc(q: torch.Tensor, D: int) -> bool:
+    if COMPACT_DESC is not None:
+        return COMPACT_DESC and D == _head_block(D)
+    return (q.device.type == "cuda" and D == _head_block(D)
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def _compact_lists(a: "_Launch", bn: int) -> dict:
+    """The compact buffers of a LIST call for key tiles of ``bn``: per (batch, compact head) its
+    list's key and value rows KC, VC ((rows, D) in the input dtype) and bias values BC (the bias
+    dtype), WC = W rounded up to ``bn`` rows each, so no tile crosses into the next list; zeros at
+    padding. One launch of ``compact_gather_kernel`` fills all three."""
+    p, sel, q = a.p, a.sel, a.q
+    W = sel.idx.shape[-1]
+    wc = triton.cdiv(W, bn) * bn
+    ch = _compact_heads(p.H, p.H_kv, sel.H_s)
+    rows = p.B * ch
+    kv = torch.empty(2, rows * wc, p.D, dtype=q.dtype, device=q.device)
+    has_bias = a.flags["HAS_BIAS"]
+    bc = torch.empty(rows * wc, dtype=a.bias.dtype, device=q.device) if has_bias else a.ints
+    block_p = 32 if INTERPRETED else 64
+    bd = _head_block(p.D)
+    sb = a.strides[12:16]
+    compact_gather_kernel[(rows, triton.cdiv(wc, block_p))](
+        a.k, a.v, a.bias, sel.idx, kv[0], kv[1], bc, *a.strides[4:12], sb[0], sb[1], sb[3],
+        p.K, W, wc, p.H, ch, p.H // p.H_kv, a.sizes["HB"], a.sizes["SEL_B"], a.sizes["H_S"],
+        D=p.D, BLOCK_P=block_p, BLOCK_D=bd, HAS_BIAS=has_bias)
+    kc, vc = kv[0], kv[1]
+    use_desc = _use_desc(q, p.D) and rows * wc < 2**31
+    if use_desc:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        kc = TensorDescriptor.from_tensor(kc, block_shape=[bn, p.D])
+        vc = TensorDescriptor.from_tensor(vc, block_shape=[bn, p.D])
+    return dict(KC=kc, VC=vc, BC=bc, CH=ch, WC=wc, COMPACT=True, USE_DESC=use_desc)
 
 
 # dk/dv of a LIST call whose group of query heads shares one list: one program per (query head,

@@ -1,0 +1,144 @@
+"""The Triton forward over compact copies of the selected keys (``attention.COMPACT_LIST``, an
+experiment that is off by default): out and lse against the float64 reference on the LIST path
+(query-broadcast bias and mask, global scope), through contiguous pointer loads and through tensor
+descriptors (the interpreter runs both), and bitwise equal to the default gathering forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import INTERPRETED, Case, assert_close_to_reference, backend_fn, make_inputs, reference_fn
+from dmattn.kernels.triton import attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+
+# Lists of 100 entries are 4 tiles of 32 under the interpreter (the last one partial), and 200
+# queries 7 blocks, so causal calls have FULL tiles, tested tiles and blocks that see nothing.
+BASE = dict(B=2, Q=200, K=200, H=4, H_kv=2, D=32, window=100, scope="global")
+CASES = [
+    Case(**BASE, causal=True),
+    Case(**BASE, causal=False),
+    Case(**{**BASE, "Q": 131, "K": 301}, causal=True),  # Q < K, odd lengths
+    Case(**{**BASE, "Q": 301, "K": 131, "window": 77}, causal=True),  # Q > K: leading rows empty
+    Case(**{**BASE, "Q": 97, "K": 245, "window": 63}, causal=False),
+    Case(**{**BASE, "H": 6, "H_kv": 1}, causal=True),  # MQA
+    Case(**{**BASE, "H": 4, "H_kv": 4}, causal=True),
+    Case(**{**BASE, "bias": "1_hkv_1"}, causal=True),
+    Case(**{**BASE, "bias": "b_h_1"}, causal=True),  # one list per query head
+    Case(**{**BASE, "bias": "1_1_1", "H": 6, "H_kv": 2}, causal=True),  # one list for every head
+    Case(**{**BASE, "mask": "b_hkv_1"}, causal=True),
+    Case(**{**BASE, "mask": "b_hkv_1", "window": 150}, causal=True),  # ~140 allowed keys < w: padding
+    Case(**{**BASE, "mask": "b_hkv_1", "bias": "1_1_1", "window": 150}, causal=False),
+    Case(**BASE, causal=True, softcap=2.5),
+]
+
+
+def _inputs(case: Case, dtype):
+    q, k, v, bias, mask = make_inputs(case, dtype, DEVICE)
+    if mask is not None:
+        mask[0, 0] = False  # a selection row with no allowed key: its heads' rows are empty
+    return q, k, v, bias, mask
+
+
+def _compact(monkeypatch, desc):
+    """Turns the compact forward on (descriptors forced on or off) and counts its uses."""
+    calls = []
+    real = attention._compact_lists
+
+    def spy(a, bn):
+        r = real(a, bn)
+        calls.append(r["USE_DESC"])
+        return r
+
+    monkeypatch.setattr(attention, "COMPACT_LIST", True)
+    monkeypatch.setattr(attention, "COMPACT_DESC", desc)
+    monkeypatch.setattr(attention, "_compact_lists", spy)
+    return calls
+
+
+@pytest.mark.parametrize("desc", [False, True], ids=["pointers", "descriptors"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compact_matches_reference(case, desc, monkeypatch):
+    calls = _compact(monkeypatch, desc)
+    inputs = _inputs(case, torch.float32)
+    got = backend_fn(case, "triton")(*inputs)
+    assert calls == [desc], "the compact forward did not run"
+    truth = reference_fn(case, torch.float64)(*inputs)
+    low = reference_fn(case, torch.float32)(*inputs)
+    assert_close_to_reference(got, low, truth, torch.float32, label=f"{case}: ")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[11]], ids=str)
+def test_compact_float16(case, monkeypatch):
+    calls = _compact(monkeypatch, True)
+    inputs = _inputs(case, torch.float16)
+    got = backend_fn(case, "triton")(*inputs)
+    assert calls == [True]
+    truth = reference_fn(case, torch.float64)(*inputs)
+    low = reference_fn(case, torch.float16)(*inputs)
+    assert_close_to_reference(got, low, truth, torch.float16, label=f"{case}: ")
+
+
+def test_padded_head_dim(monkeypatch):
+    """D = 40 pads to 64: descriptors need the block to span the row, so the call takes the pointer
+    loads (masked along D) even when descriptors are asked for."""
+    case = Case(**{**BASE, "D": 40, "mask": "b_hkv_1"}, causal=True)
+    calls = _compact(monkeypatch, True)
+    inputs = _inputs(case, torch.float32)
+    got = backend_fn(case, "triton")(*inputs)
+    assert calls == [False]
+    truth = reference_fn(case, torch.float64)(*inputs)
+    low = reference_fn(case, torch.float32)(*inputs)
+    assert_close_to_reference(got, low, truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[11], CASES[13]], ids=str)
+def test_compact_is_bitwise_equal_to_gathering(case, dtype, monkeypatch):
+    """Same values (the copies are exact, in the input and bias dtypes), same tiles and the same
+    arithmetic in the same order, so out and lse agree to the bit. Positions past a tested tile's
+    limit differ (zeros from masked gathers against real rows or padding of the copy) but their
+    scores are -inf and their probabilities exactly 0 either way."""
+    inputs = _inputs(case, dtype)
+    want = backend_fn(case, "triton")(*inputs)
+    for desc in (False, True):
+        _compact(monkeypatch, desc)
+        got = backend_fn(case, "triton")(*inputs)
+        for name, g, w in zip(("out", "lse"), got, want):
+            assert torch.equal(g, w), f"{name} differs (descriptors {desc})"
+
+
+def test_compact_buffers(monkeypatch):
+    """The copies themselves: row (b, compact head) holds its list's key and value rows and bias
+    values, zeros at the padding, WC rows per list."""
+    case = Case(**{**BASE, "mask": "b_hkv_1", "window": 150}, causal=True)
+    q, k, v, bias, mask = _inputs(case, torch.float32)
+    got = {}
+    real = attention._compact_lists
+
+    def spy(a, bn):
+        r = real(a, bn)
+        got.update(r, idx=a.sel.idx.clone(), bn=bn)
+        return r
+
+    monkeypatch.setattr(attention, "COMPACT_LIST", True)
+    monkeypatch.setattr(attention, "COMPACT_DESC", False)
+    monkeypatch.setattr(attention, "_compact_lists", spy)
+    backend_fn(case, "triton")(q, k, v, bias, mask)
+    ch, wc, idx = got["CH"], got["WC"], got["idx"]
+    assert ch == case.H_kv and wc % got["bn"] == 0 and wc >= idx.shape[-1]
+    kc = got["KC"].view(case.B, ch, wc, case.D)
+    vc = got["VC"].view(case.B, ch, wc, case.D)
+    bc = got["BC"].view(case.B, ch, wc)
+    for b in range(case.B):
+        for g in range(ch):
+            keys = idx[b, g].long()
+            real_keys = keys[keys < case.K]
+            n = real_keys.numel()
+            assert torch.equal(kc[b, g, :n], k[b, real_keys, g]) and torch.equal(vc[b, g, :n], v[b, real_keys, g])
+            assert torch.equal(bc[b, g, :n], bias[b, g, 0, real_keys])
+            assert not kc[b, g, n:].any() and not vc[b, g, n:].any() and not bc[b, g, n:].any()
+    assert not kc[0, 0].any()  # the row with no allowed key is all padding
