@@ -9,8 +9,6 @@ All kernels get the same selection; timed separately with ``triton.testing.do_be
 - ``cuda fwd sm90``: the CuTe kernel the dispatch picks with the sm_90a kernel enabled (on an
   H100/H200 with an sm_90a build: the wgmma kernel), metadata prebuilt
 - ``cuda fwd sm80``: the same call with ``cuda_ext.set_sm90_enabled(False)`` (the mma.sync kernel)
-- ``triton fwd``: the Triton forward kernel alone, metadata prebuilt (same launch as
-  ``kernels/triton/attention.forward``)
 - ``triton forward()``: the Triton host wrapper end to end (selection included)
 - with ``--dense-seq N``: the DENSE path (no window, causal, same bias) at Q=K=N for the CUDA
   kernels (sm90 and sm80) and Triton, and torch SDPA (causal, no bias) as the hardware's dense
@@ -45,26 +43,6 @@ def _visible_pairs(idx: torch.Tensor, B: int, H: int, Q: int, K: int, causal: bo
         torch.full((Q,), K - 1, device=idx.device, dtype=torch.int32)
     per_row = torch.searchsorted(rows, last.expand(rows.shape[0], Q).contiguous(), right=True).sum()
     return int(per_row.item()) * (B * H // rows.shape[0])
-
-
-def _triton_kernel_launcher(p, q, k, v, bias, out, lse):
-    """The Triton forward kernel with its metadata built once (the launch of attention.forward)."""
-    import triton
-
-    from dmattn.kernels.triton import attention as tri
-
-    a = tri._Launch(p, q, k, v, bias, None)
-    cfg = tri.launch_config(p.D, q.element_size(), "fwd")
-    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    counts = a.counts(bm)
-    grid = (triton.cdiv(p.Q, bm), p.B * p.H)
-    nblk = counts.shape[-1] if a.sel.path == tri.LIST else 1
-
-    def run():
-        tri.dma_fwd_kernel[grid](q, k, v, a.bias, a.mask, out, lse, a.idx, counts, a.tv, a.ti, *a.strides,
-                                 *out.stride(), **a.sizes, NBLK=nblk, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
-                                 **a.flags, **cfg)
-    return run
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -166,10 +144,6 @@ def main() -> int:
         p = make_problem(q, k, v, bias, None, window=w, topk_scope="global", is_causal=causal)
         t_out = torch.empty_like(q)
         t_lse = torch.empty(B, H, S, device=dev, dtype=torch.float32)
-        try:
-            record(f"{tag} triton fwd", _bench(_triton_kernel_launcher(p, q, k, v, bias, t_out, t_lse)), flops)
-        except Exception as exc:  # the launcher reaches into the Triton wrapper's internals
-            print(f"  triton fwd kernel alone: skipped ({type(exc).__name__}: {exc})")
         record(f"{tag} triton forward()", _bench(lambda: tri.forward(p, q, k, v, bias, None, t_out, t_lse)), flops)
         torch.cuda.synchronize()
         for name, (out, lse) in outs.items():
