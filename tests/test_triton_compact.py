@@ -1,7 +1,7 @@
-"""The Triton forward over compact copies of the selected keys (``attention.COMPACT_LIST``, an
-experiment that is off by default): out and lse against the float64 reference on the LIST path
-(query-broadcast bias and mask, global scope), through contiguous pointer loads and through tensor
-descriptors (the interpreter runs both), and bitwise equal to the default gathering forward."""
+"""The Triton forward over compact copies of the selected keys (``attention.COMPACT_LIST``, on by
+default): out and lse against the float64 reference on the LIST path (query-broadcast bias and
+mask, global scope), through contiguous pointer loads and through tensor descriptors (the
+interpreter runs both), and bitwise equal to the gathering forward (COMPACT_LIST off)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def test_compact_is_bitwise_equal_to_gathering(case, dtype, monkeypatch):
     limit differ (zeros from masked gathers against real rows or padding of the copy) but their
     scores are -inf and their probabilities exactly 0 either way."""
     inputs = _inputs(case, dtype)
+    monkeypatch.setattr(attention, "COMPACT_LIST", False)
     want = backend_fn(case, "triton")(*inputs)
     for desc in (False, True):
         _compact(monkeypatch, desc)
