@@ -2,9 +2,13 @@
 tile of ever-alive keys (``prefix.alive_order``) walks its query blocks as a tested head where
 keys are still being born, a FULL middle where every key is visible to every query, and a tested
 tail where keys have died. The cases are chosen so that, under the interpreter's 32 x 32 tiles,
-tiles with all three parts exist; gradients are checked against the float64 reference."""
+tiles with all three parts exist, and are scaled with the tile size elsewhere (a GPU's 64 x 64 dk/dv
+tiles for D = 16: twice the lengths and window); gradients are checked against the float64
+reference."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,12 +18,15 @@ from cases import (Case, SELECTION_DEVICES, assert_close_to_reference, backend_f
 from dmattn.kernels.triton import attention
 from dmattn.problem import make_problem
 
-CASES = [
+# Lengths and window for 32 x 32 dk/dv tiles, scaled by the launch's own tile size (the float32
+# config; float16 at D = 16 gets the same tiles).
+_SCALE = max(attention.launch_config(16, 4, "dkdv")[key] for key in ("BLOCK_M", "BLOCK_N")) // 32
+CASES = [dataclasses.replace(c, Q=c.Q * _SCALE, K=c.K * _SCALE, window=c.window * _SCALE) for c in [
     Case(B=1, Q=512, K=512, D=16, window=128, causal=True),                      # GQA 4/2, bias (B, H_kv, 1, K)
     Case(B=1, Q=400, K=640, D=16, window=128, causal=True),                      # Q < K
     Case(B=1, Q=600, K=520, D=16, window=128, causal=True),                      # Q > K: empty rows first
     Case(B=1, Q=512, K=512, D=16, bias="b_h_1", mask="1_hkv_1", window=128, causal=True, softcap=2.5),
-]
+]]
 
 
 def _block_ranges(order, n_alive, death, Q, K, bm, bn):
