@@ -1125,9 +1125,10 @@ def _compact_lists(a: "_Launch", bn: int) -> dict:
 # the group in head order and writes to the keys, instead of one program per (kv head, tile) that
 # loops over the group. That is GROUP times the programs (T32k: 1024 instead of 256, T8k: 512
 # instead of 128, for 132 SMs holding two each), so the heaviest tiles no longer set the time
-# alone, for 2 x B * H * w * D float32 of partials (67 MB at T32k). Not measured yet (the device
-# time of the session that wrote it had run out); it stays off until an A/B on the GPU shows it
-# pays. The tests run both ways.
+# alone, for 2 x B * H * w * D float32 of partials (67 MB at T32k). Measured on an H200 (bf16,
+# global scope, fwd+bwd, alternating runs; benchmarks/results/triton-ab-h200-2026-11-28-session4.log):
+# T32k 8.82 / 8.75 ms off against 8.72 / 8.69 on, T8k 2.18 / 2.01 off against 2.20 / 2.20 on. The
+# partials' traffic eats what the parallelism gains, so it stays off. The tests run both ways.
 SPLIT_GROUP_DKDV = False
 
 # The split (decode) forward takes a kv head's GROUP * Q rows as one tile up to this many rows.
