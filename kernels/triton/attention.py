@@ -767,8 +767,8 @@ def tile_occupancy_kernel(Bp, Mp, TV, TI, Occ, sbb, sbh, sbm, sbn, smb, smh, smm
                           IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
                           HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr):
     """Program (batch x occupancy head, query block, run of NT_PER tiles): for each of its key
-    tiles (NT in all), whether any of its (query, key) pairs is visible (the kernels' own test: causality, per-query mask, threshold),
-    int8 into Occ (B * OCC_H, query blocks, NT). Query heads that read the same mask, bias and
+    tiles (NT in all), whether any of its (query, key) pairs is visible (the kernels' own test:
+    causality, per-query mask, threshold), int8 into Occ (B * OCC_H, query blocks, NT). Query heads that read the same mask, bias and
     threshold rows share an occupancy head (see ``_Launch``): this runs for the first head of each.
     One pass over a per-query bias or mask; the attention kernels then visit only occupied tiles
     (TILES)."""
