@@ -528,21 +528,60 @@ def _dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, Dth, row, k_bas
     return dq + _dot(ds.to(k.dtype), k, UPCAST)
 
 
-@triton.jit(do_not_specialize=_SIZES + ("NBLK",))
+@triton.jit
+def _compact_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m, offs_d, m_ok,
+                     off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                     UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
+    """``_dq_tile`` of the LIST path over the compact buffers (``backward``, COMPACT_DQ): key,
+    value and bias rows of list positions ``start`` .. are contiguous (``_compact_lists``). As in
+    ``_compact_fwd_tile`` the key indices are loaded only on tested tiles, for the causal test; the
+    arithmetic is that of ``_scores`` and ``_dq_tile`` in the same order, so dq is the same to the
+    bit. Positions at or past ``limit`` of a tested tile read real rows or padding instead of the
+    gather's zeros, but their scores are -inf, so P and dS are exactly 0 there. No dS output: the
+    LIST path's bias is query-broadcast (the host asserts it)."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
+    k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+    v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        if FULL:
+            braw = tl.load(BC + c_off + pos)
+        else:
+            braw = tl.load(BC + c_off + pos, mask=n_ok, other=0.0)
+        s = s + braw[None, :].to(tl.float32) * LOG2E
+    if not FULL:
+        vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
+        if IS_CAUSAL:
+            offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)  # [BLOCK_N]
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        s = tl.where(vis, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+    dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + _dot(ds.to(k.dtype), k, UPCAST)
+
+
+@triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH"))
 def dma_bwd_dq_kernel(
     Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
-    scale, softcap,
+    scale, softcap, KC, VC, BC, CH, WC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_DS: tl.constexpr,
-    TILES: tl.constexpr,
+    TILES: tl.constexpr, COMPACT: tl.constexpr = False, USE_DESC: tl.constexpr = False,
 ):
     """dq of one query block; with WRITE_DS also dS per element into the float32 (B, H, Q, K)
-    buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias."""
+    buffer DS (zero-filled by the host: tiles outside the loop stay 0), for a per-query bias.
+    COMPACT (LIST path only, never with WRITE_DS): keys, values and bias values come from the
+    compact buffers KC, VC, BC, as in ``dma_fwd_kernel``; see ``_compact_lists``."""
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
@@ -556,16 +595,27 @@ def dma_bwd_dq_kernel(
     ds_base = DS + pid_bh.to(tl.int64) * Q * K
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
-                      svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
-                      scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
-                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, True)
-    for start in range(full, limit, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
-                      svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
-                      scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
-                      MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, False)
+    if COMPACT:
+        c_off = (b * CH + h * CH // H).to(tl.int64) * WC
+        for start in range(0, full, BLOCK_N):
+            dq = _compact_dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m,
+                                  offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                  SOFTCAP, UPCAST, USE_DESC, True)
+        for start in range(full, limit, BLOCK_N):
+            dq = _compact_dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m,
+                                  offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
+                                  SOFTCAP, UPCAST, USE_DESC, False)
+    else:
+        for start in range(0, full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
+                          svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
+                          scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
+                          MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, True)
+        for start in range(full, limit, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
+                          svd, ds_base, offs_m, offs_d, m_ok, bias_base, sbm, sbn, mask_base, smm, smn, tv, ti, off, K,
+                          scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK,
+                          MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, WRITE_DS, TILES, False)
     if WRITE_DQ:
         # DQ is contiguous (B, Q, H, D).
         tl.store(DQ + ((b * Q + offs_m[:, None].to(tl.int64)) * H + h) * D + offs_d[None, :],
@@ -1077,6 +1127,17 @@ COMPACT_LIST = True
 COMPACT_DESC = None
 
 
+# The dq kernel of a LIST call reads keys, values and bias values from the same compact copies
+# (``_compact_lists`` for the dq launch's BLOCK_N, built again in the backward: the forward's are
+# not kept, and its BLOCK_N may differ) instead of gathering them through the indices in every tile,
+# like the forward (COMPACT_LIST). dq is bitwise equal to the gathering dq's (tests/
+# test_triton_compact_dq.py). Off until measured: it has never run on a GPU. The A/B to run on an
+# H200: ``python benchmarks/compact_dq_ab.py --json benchmarks/results/compact-dq-ab-h200-<date>.json``
+# (T32k and T8k fwd+bwd, global scope, off/on alternating); turn it on if T32k fwd+bwd drops
+# (8.08 ms gathering) by more than the rounds' spread.
+COMPACT_DQ = False
+
+
 def _compact_heads(H: int, H_kv: int, H_s: int) -> int:
     """Compact heads: the fewest classes of query heads that share a selection row and a kv head
     (bias heads are among 1, H_kv, H and never outnumber the selection heads). Head counts are
@@ -1215,10 +1276,17 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
         lists = a.query_lists(bm, bn)
+        if COMPACT_DQ and a.sel.path == LIST:
+            # The LIST path's bias is query-broadcast (selection.py), so no dS per element is wanted:
+            # the compact dq tile has no dS output.
+            assert not write_ds and not per_query_bias, "LIST path with a per-query bias"
+            compact = _compact_lists(a, bn)
+        else:
+            compact = dict(KC=a.ints, VC=a.ints, BC=a.ints, CH=1, WC=0)
         dma_bwd_dq_kernel[(p.B * p.H, triton.cdiv(p.Q, bm))](
             q, k, v, a.bias, a.mask, dout, lse, delta, dq if dq is not None else delta, ds,
             lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes,
-            **lists, **a.scalars, BLOCK_M=bm, BLOCK_N=bn,
+            **lists, **a.scalars, **compact, BLOCK_M=bm, BLOCK_N=bn,
             **a.flags, WRITE_DQ=dq is not None, WRITE_DS=write_ds, **cfg)
         if write_ds:
             dbias_f32 = ds

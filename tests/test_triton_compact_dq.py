@@ -1,0 +1,136 @@
+"""The Triton dq kernel over compact copies of the selected keys (``attention.COMPACT_DQ``, off by
+default until measured): all gradients against the float64 reference on the LIST path
+(query-broadcast bias and mask, global scope), through contiguous pointer loads and through tensor
+descriptors (the interpreter runs both), and bitwise equal to the gathering dq (COMPACT_DQ off),
+with dk, dv and dbias untouched."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from cases import (INTERPRETED, Case, assert_close_to_reference, backend_fn, make_inputs, reference_fn,
+                   run_with_grads)
+from dmattn.kernels.triton import attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+
+# Lists of 100 entries are 4 tiles of 32 under the interpreter (the last one partial), and 200
+# queries 7 blocks, so causal calls have FULL tiles, tested tiles and blocks that see nothing.
+BASE = dict(B=2, Q=200, K=200, H=4, H_kv=2, D=32, window=100, scope="global")
+CASES = [
+    Case(**BASE, causal=True),
+    Case(**BASE, causal=False),
+    Case(**{**BASE, "Q": 131, "K": 301}, causal=True),  # Q < K, odd lengths
+    Case(**{**BASE, "Q": 301, "K": 131, "window": 77}, causal=True),  # Q > K: leading rows empty
+    Case(**{**BASE, "Q": 97, "K": 245, "window": 63}, causal=False),
+    Case(**{**BASE, "H": 6, "H_kv": 1}, causal=True),  # MQA
+    Case(**{**BASE, "H": 4, "H_kv": 4}, causal=True),
+    Case(**{**BASE, "bias": "1_hkv_1"}, causal=True),
+    Case(**{**BASE, "bias": "b_h_1"}, causal=True),  # one list per query head
+    Case(**{**BASE, "bias": "1_1_1", "H": 6, "H_kv": 2}, causal=True),  # one list for every head
+    Case(**{**BASE, "mask": "b_hkv_1", "window": 150}, causal=True),  # ~140 allowed keys < w: padding
+    Case(**{**BASE, "mask": "b_hkv_1", "bias": "1_1_1", "window": 150}, causal=False),
+    Case(**BASE, causal=True, softcap=2.5),
+]
+
+
+def _inputs(case: Case, dtype):
+    q, k, v, bias, mask = make_inputs(case, dtype, DEVICE)
+    if mask is not None:
+        mask[0, 0] = False  # a selection row with no allowed key: its heads' rows are empty
+    return q, k, v, bias, mask
+
+
+def _compact_dq(monkeypatch, desc, on=True):
+    """Sets COMPACT_DQ (descriptors forced on or off) and records the compact copies the backward
+    builds: (USE_DESC, BLOCK_N) per call of ``_compact_lists`` from ``backward``. The forward's own
+    calls (COMPACT_LIST) are not recorded."""
+    calls = []
+    real = attention._compact_lists
+
+    def spy(a, bn):
+        r = real(a, bn)
+        if sys._getframe(1).f_code.co_name == "backward":
+            calls.append((r["USE_DESC"], bn))
+        return r
+
+    monkeypatch.setattr(attention, "COMPACT_DQ", on)
+    monkeypatch.setattr(attention, "COMPACT_DESC", desc)
+    monkeypatch.setattr(attention, "_compact_lists", spy)
+    return calls
+
+
+def _dq_block_n(case: Case, dtype) -> int:
+    return attention.launch_config(case.D, torch.empty(0, dtype=dtype).element_size(), "dq")["BLOCK_N"]
+
+
+def _check_reference(case, dtype, desc, monkeypatch):
+    calls = _compact_dq(monkeypatch, desc)
+    inputs = _inputs(case, dtype)
+    got = run_with_grads(backend_fn(case, "triton"), *inputs)
+    assert calls == [(desc, _dq_block_n(case, dtype))], f"the compact dq did not run: {calls}"
+    low = run_with_grads(reference_fn(case, dtype), *inputs)
+    truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
+    assert_close_to_reference(got, low, truth, dtype, label=f"{case}: ")
+
+
+@pytest.mark.parametrize("desc", [False, True], ids=["pointers", "descriptors"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compact_dq_matches_reference(case, desc, monkeypatch):
+    _check_reference(case, torch.float32, desc, monkeypatch)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[10]], ids=str)
+def test_compact_dq_float16(case, monkeypatch):
+    _check_reference(case, torch.float16, True, monkeypatch)
+
+
+def test_compact_dq_padded_head_dim(monkeypatch):
+    """D = 40 pads to 64: descriptors need the block to span the row, so the dq takes the pointer
+    loads (masked along D) even when descriptors are asked for."""
+    case = Case(**{**BASE, "D": 40, "mask": "b_hkv_1"}, causal=True)
+    calls = _compact_dq(monkeypatch, True)
+    inputs = _inputs(case, torch.float32)
+    got = run_with_grads(backend_fn(case, "triton"), *inputs)
+    assert calls == [(False, _dq_block_n(case, torch.float32))]
+    low = run_with_grads(reference_fn(case, torch.float32), *inputs)
+    truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
+    assert_close_to_reference(got, low, truth, torch.float32)
+
+
+def test_per_query_bias_takes_no_compact_dq(monkeypatch):
+    """A per-query bias (the one case with dS per element, WRITE_DS) never selects the LIST path,
+    so the backward builds no compact copies for it (and asserts so if it ever did)."""
+    case = Case(**{**BASE, "Q": 70, "K": 90, "window": 40, "bias": "b_h_q"}, causal=True)
+    calls = _compact_dq(monkeypatch, False)
+    inputs = _inputs(case, torch.float32)
+    got = run_with_grads(backend_fn(case, "triton"), *inputs)
+    assert calls == []
+    low = run_with_grads(reference_fn(case, torch.float32), *inputs)
+    truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
+    assert_close_to_reference(got, low, truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[10], CASES[12]], ids=str)
+def test_compact_dq_is_bitwise_equal_to_gathering(case, dtype, monkeypatch):
+    """Same values (the copies are exact, in the input and bias dtypes), same tiles and the same
+    arithmetic in the same order, so every output and gradient agrees to the bit with COMPACT_DQ
+    off. Positions past a tested tile's limit differ (zeros from masked gathers against real rows
+    or padding of the copy) but their scores are -inf and P and dS exactly 0 either way."""
+    inputs = _inputs(case, dtype)
+    calls = _compact_dq(monkeypatch, None, on=False)
+    want = run_with_grads(backend_fn(case, "triton"), *inputs)
+    assert calls == []
+    for desc in (False, True):
+        calls = _compact_dq(monkeypatch, desc)
+        got = run_with_grads(backend_fn(case, "triton"), *inputs)
+        assert calls == [(desc, _dq_block_n(case, dtype))]
+        for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dbias"), got, want):
+            assert (g is None) == (w is None), name
+            assert g is None or torch.equal(g, w), f"{name} differs (descriptors {desc})"
