@@ -205,3 +205,34 @@ def assert_close_to_reference(got, low, truth, dtype, label=""):
         floor = FLOOR[torch.float32 if name == "lse" and dtype == torch.float64 else dtype]
         tol = 2 * base + floor * scale
         assert err <= tol, f"{label}{name}: max error {err:.3g} > tolerance {tol:.3g} (torch {base:.3g})"
+
+
+# The LIST path (global scope, query-broadcast bias and mask) for the compact-copy tests: lists of
+# 100 entries are 4 tiles of 32 under the interpreter (the last one partial), and 200 queries 7
+# blocks, so causal calls have FULL tiles, tested tiles and blocks that see nothing.
+LIST_BASE = dict(B=2, Q=200, K=200, H=4, H_kv=2, D=32, window=100, scope="global")
+LIST_CASES = [
+    Case(**LIST_BASE, causal=True),
+    Case(**LIST_BASE, causal=False),
+    Case(**{**LIST_BASE, "Q": 131, "K": 301}, causal=True),  # Q < K, odd lengths
+    Case(**{**LIST_BASE, "Q": 301, "K": 131, "window": 77}, causal=True),  # Q > K: leading rows empty
+    Case(**{**LIST_BASE, "Q": 97, "K": 245, "window": 63}, causal=False),
+    Case(**{**LIST_BASE, "H": 6, "H_kv": 1}, causal=True),  # MQA
+    Case(**{**LIST_BASE, "H": 4, "H_kv": 4}, causal=True),
+    Case(**{**LIST_BASE, "bias": "1_hkv_1"}, causal=True),
+    Case(**{**LIST_BASE, "bias": "b_h_1"}, causal=True),  # one list per query head
+    Case(**{**LIST_BASE, "bias": "1_1_1", "H": 6, "H_kv": 2}, causal=True),  # one list for every head
+    Case(**{**LIST_BASE, "mask": "b_hkv_1"}, causal=True),
+    Case(**{**LIST_BASE, "mask": "b_hkv_1", "window": 150}, causal=True),  # ~140 allowed keys < w: padding
+    Case(**{**LIST_BASE, "mask": "b_hkv_1", "bias": "1_1_1", "window": 150}, causal=False),
+    Case(**LIST_BASE, causal=True, softcap=2.5),
+]
+
+
+def list_inputs(case: Case, dtype: torch.dtype, device: str):
+    """``make_inputs`` with one selection row of the mask (if any) allowing no key, so its heads'
+    rows are empty."""
+    q, k, v, bias, mask = make_inputs(case, dtype, device)
+    if mask is not None:
+        mask[0, 0] = False
+    return q, k, v, bias, mask

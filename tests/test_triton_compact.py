@@ -8,39 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import INTERPRETED, Case, assert_close_to_reference, backend_fn, make_inputs, reference_fn
+from cases import (INTERPRETED, LIST_BASE, LIST_CASES, Case, assert_close_to_reference, backend_fn, list_inputs,
+                   reference_fn)
 from dmattn.kernels.triton import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
                                 reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
 
-# Lists of 100 entries are 4 tiles of 32 under the interpreter (the last one partial), and 200
-# queries 7 blocks, so causal calls have FULL tiles, tested tiles and blocks that see nothing.
-BASE = dict(B=2, Q=200, K=200, H=4, H_kv=2, D=32, window=100, scope="global")
-CASES = [
-    Case(**BASE, causal=True),
-    Case(**BASE, causal=False),
-    Case(**{**BASE, "Q": 131, "K": 301}, causal=True),  # Q < K, odd lengths
-    Case(**{**BASE, "Q": 301, "K": 131, "window": 77}, causal=True),  # Q > K: leading rows empty
-    Case(**{**BASE, "Q": 97, "K": 245, "window": 63}, causal=False),
-    Case(**{**BASE, "H": 6, "H_kv": 1}, causal=True),  # MQA
-    Case(**{**BASE, "H": 4, "H_kv": 4}, causal=True),
-    Case(**{**BASE, "bias": "1_hkv_1"}, causal=True),
-    Case(**{**BASE, "bias": "b_h_1"}, causal=True),  # one list per query head
-    Case(**{**BASE, "bias": "1_1_1", "H": 6, "H_kv": 2}, causal=True),  # one list for every head
-    Case(**{**BASE, "mask": "b_hkv_1"}, causal=True),
-    Case(**{**BASE, "mask": "b_hkv_1", "window": 150}, causal=True),  # ~140 allowed keys < w: padding
-    Case(**{**BASE, "mask": "b_hkv_1", "bias": "1_1_1", "window": 150}, causal=False),
-    Case(**BASE, causal=True, softcap=2.5),
-]
+BASE, CASES = LIST_BASE, LIST_CASES
 
 
 def _inputs(case: Case, dtype):
-    q, k, v, bias, mask = make_inputs(case, dtype, DEVICE)
-    if mask is not None:
-        mask[0, 0] = False  # a selection row with no allowed key: its heads' rows are empty
-    return q, k, v, bias, mask
+    return list_inputs(case, dtype, DEVICE)
 
 
 def _compact(monkeypatch, desc):

@@ -354,17 +354,13 @@ def _compact_rows(C, c_off, start, n_ok, offs_d, D: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m, offs_d, m_ok,
-                      off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                      UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
-    """``_fwd_tile`` of the LIST path over the compact buffers (``forward``, COMPACT_LIST): key,
-    value and bias rows of list positions ``start`` .. are contiguous. The key indices are loaded
-    only on tested tiles, for the causal test; a FULL tile touches no index. The arithmetic is that
-    of ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
-    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
-    k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
+                    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                    FULL: tl.constexpr):
+    """``_scores`` of the compact LIST tiles (list positions ``pos``, real below the limit where
+    ``n_ok``): the bias values come from the compact row BC + c_off, and only a tested tile loads
+    its key indices, for the causal test. Same arithmetic in the same order as ``_scores`` (bias
+    added before the -inf select), so the compact kernels match the gathering ones to the bit."""
     s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         if FULL:
@@ -378,6 +374,23 @@ def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, 
             offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)  # [BLOCK_N]
             vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
         s = tl.where(vis, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m, offs_d, m_ok,
+                      off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                      UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
+    """``_fwd_tile`` of the LIST path over the compact buffers (``forward``, COMPACT_LIST): key,
+    value and bias rows of list positions ``start`` .. are contiguous. The key indices are loaded
+    only on tested tiles, for the causal test; a FULL tile touches no index. The arithmetic is that
+    of ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
+    k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
+                           IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
     p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
     v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
@@ -544,19 +557,8 @@ def _compact_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, KC, VC,
     n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
     k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
-    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        if FULL:
-            braw = tl.load(BC + c_off + pos)
-        else:
-            braw = tl.load(BC + c_off + pos, mask=n_ok, other=0.0)
-        s = s + braw[None, :].to(tl.float32) * LOG2E
-    if not FULL:
-        vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
-        if IS_CAUSAL:
-            offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)  # [BLOCK_N]
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        s = tl.where(vis, s, float("-inf"))
+    s, t = _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
+                           IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
     dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
