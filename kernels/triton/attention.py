@@ -342,14 +342,8 @@ def _compact_rows(C, c_off, start, n_ok, offs_d, D: tl.constexpr, BLOCK_N: tl.co
     the causal limit, or zero padding), whose probabilities are exactly 0."""
     if USE_DESC:
         x = C.load([(c_off + start).to(tl.int32), 0])
-    else:
-        ptrs = C + (c_off + start + tl.arange(0, BLOCK_N))[:, None].to(tl.int64) * D + offs_d[None, :]
-        if FULL and D == BLOCK_D:
-            x = tl.load(ptrs)
-        elif FULL:
-            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:  # rows of D contiguous elements
+        x = _kv_rows(C + c_off * D, start + tl.arange(0, BLOCK_N), D, n_ok, offs_d, 1, D, BLOCK_D, FULL)
     return x
 
 
