@@ -41,19 +41,25 @@ def dtypes_for(name: str) -> list[torch.dtype]:
     return out
 
 
+def unavailable(name: str) -> Optional[str]:
+    """Why a backend cannot be tested here (it did not load, or no device of its kinds), or None."""
+    b = BACKENDS[name]
+    err = b.load_error()
+    if err is not None:
+        return f"backend {name} unavailable: {err}"
+    if device_for(name) is None:
+        return f"backend {name}: no device of {sorted(b.device_types)}"
+    return None
+
+
 def backend_params(include_reference: bool = False):
     """One pytest param per registered backend, skipped (with the reason) when it cannot run here."""
     params = []
-    for name, b in BACKENDS.items():
+    for name in BACKENDS:
         if name == "reference" and not include_reference:
             continue
-        err = b.load_error()
-        dev = device_for(name)
-        marks = []
-        if err is not None:
-            marks.append(pytest.mark.skip(reason=f"backend {name} unavailable: {err}"))
-        elif dev is None:
-            marks.append(pytest.mark.skip(reason=f"backend {name}: no device of {sorted(b.device_types)}"))
+        why = unavailable(name)
+        marks = [pytest.mark.skip(reason=why)] if why else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 
@@ -229,10 +235,10 @@ LIST_CASES = [
 ]
 
 
-def list_inputs(case: Case, dtype: torch.dtype, device: str):
-    """``make_inputs`` with one selection row of the mask (if any) allowing no key, so its heads'
-    rows are empty."""
-    q, k, v, bias, mask = make_inputs(case, dtype, device)
+def list_inputs(case: Case, dtype: torch.dtype):
+    """``make_inputs`` on the Triton backend's device, with one selection row of the mask (if any)
+    allowing no key, so its heads' rows are empty."""
+    q, k, v, bias, mask = make_inputs(case, dtype, device_for("triton"))
     if mask is not None:
         mask[0, 0] = False
     return q, k, v, bias, mask

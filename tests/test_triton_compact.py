@@ -8,19 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import (INTERPRETED, LIST_BASE, LIST_CASES, Case, assert_close_to_reference, backend_fn, list_inputs,
-                   reference_fn)
+from cases import (LIST_BASE, LIST_CASES, Case, assert_close_to_reference, backend_fn, list_inputs, reference_fn,
+                   unavailable)
 from dmattn.kernels.triton import attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
-                                reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(unavailable("triton") is not None, reason=str(unavailable("triton")))
 
-BASE, CASES = LIST_BASE, LIST_CASES
-
-
-def _inputs(case: Case, dtype):
-    return list_inputs(case, dtype, DEVICE)
+BASE, CASES, _inputs = LIST_BASE, LIST_CASES, list_inputs
 
 
 def _compact(monkeypatch, desc):
@@ -39,40 +33,34 @@ def _compact(monkeypatch, desc):
     return calls
 
 
+def _check_reference(case, dtype, desc, monkeypatch, used_desc=None):
+    """The compact forward (descriptors asked for or not) against the reference; it must have run
+    once, with descriptors iff ``used_desc`` (default: as asked)."""
+    calls = _compact(monkeypatch, desc)
+    inputs = _inputs(case, dtype)
+    got = backend_fn(case, "triton")(*inputs)
+    assert calls == [desc if used_desc is None else used_desc], f"the compact forward did not run as asked: {calls}"
+    truth = reference_fn(case, torch.float64)(*inputs)
+    low = reference_fn(case, dtype)(*inputs)
+    assert_close_to_reference(got, low, truth, dtype, label=f"{case}: ")
+
+
 @pytest.mark.parametrize("desc", [False, True], ids=["pointers", "descriptors"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_compact_matches_reference(case, desc, monkeypatch):
-    calls = _compact(monkeypatch, desc)
-    inputs = _inputs(case, torch.float32)
-    got = backend_fn(case, "triton")(*inputs)
-    assert calls == [desc], "the compact forward did not run"
-    truth = reference_fn(case, torch.float64)(*inputs)
-    low = reference_fn(case, torch.float32)(*inputs)
-    assert_close_to_reference(got, low, truth, torch.float32, label=f"{case}: ")
+    _check_reference(case, torch.float32, desc, monkeypatch)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[11]], ids=str)
 def test_compact_float16(case, monkeypatch):
-    calls = _compact(monkeypatch, True)
-    inputs = _inputs(case, torch.float16)
-    got = backend_fn(case, "triton")(*inputs)
-    assert calls == [True]
-    truth = reference_fn(case, torch.float64)(*inputs)
-    low = reference_fn(case, torch.float16)(*inputs)
-    assert_close_to_reference(got, low, truth, torch.float16, label=f"{case}: ")
+    _check_reference(case, torch.float16, True, monkeypatch)
 
 
 def test_padded_head_dim(monkeypatch):
     """D = 40 pads to 64: descriptors need the block to span the row, so the call takes the pointer
     loads (masked along D) even when descriptors are asked for."""
     case = Case(**{**BASE, "D": 40, "mask": "b_hkv_1"}, causal=True)
-    calls = _compact(monkeypatch, True)
-    inputs = _inputs(case, torch.float32)
-    got = backend_fn(case, "triton")(*inputs)
-    assert calls == [False]
-    truth = reference_fn(case, torch.float64)(*inputs)
-    low = reference_fn(case, torch.float32)(*inputs)
-    assert_close_to_reference(got, low, truth, torch.float32)
+    _check_reference(case, torch.float32, True, monkeypatch, used_desc=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -11,19 +11,13 @@ import sys
 import pytest
 import torch
 
-from cases import (INTERPRETED, LIST_BASE, LIST_CASES, Case, assert_close_to_reference, backend_fn, list_inputs,
-                   reference_fn, run_with_grads)
+from cases import (LIST_BASE, LIST_CASES, Case, assert_close_to_reference, backend_fn, list_inputs, reference_fn,
+                   run_with_grads, unavailable)
 from dmattn.kernels.triton import attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
-                                reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(unavailable("triton") is not None, reason=str(unavailable("triton")))
 
-BASE, CASES = LIST_BASE, LIST_CASES
-
-
-def _inputs(case: Case, dtype):
-    return list_inputs(case, dtype, DEVICE)
+BASE, CASES, _inputs = LIST_BASE, LIST_CASES, list_inputs
 
 
 def _compact_dq(monkeypatch, desc, on=True):
@@ -49,11 +43,14 @@ def _dq_block_n(case: Case, dtype) -> int:
     return attention.launch_config(case.D, torch.empty(0, dtype=dtype).element_size(), "dq")["BLOCK_N"]
 
 
-def _check_reference(case, dtype, desc, monkeypatch):
+def _check_reference(case, dtype, desc, monkeypatch, expect=None):
+    """Every output and gradient against the reference with COMPACT_DQ on (descriptors asked for or
+    not); the backward's compact copies must be ``expect`` (default: one, as asked)."""
     calls = _compact_dq(monkeypatch, desc)
     inputs = _inputs(case, dtype)
     got = run_with_grads(backend_fn(case, "triton"), *inputs)
-    assert calls == [(desc, _dq_block_n(case, dtype))], f"the compact dq did not run: {calls}"
+    want_calls = [(desc, _dq_block_n(case, dtype))] if expect is None else expect
+    assert calls == want_calls, f"the compact dq did not run as expected: {calls}"
     low = run_with_grads(reference_fn(case, dtype), *inputs)
     truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
     assert_close_to_reference(got, low, truth, dtype, label=f"{case}: ")
@@ -74,26 +71,14 @@ def test_compact_dq_padded_head_dim(monkeypatch):
     """D = 40 pads to 64: descriptors need the block to span the row, so the dq takes the pointer
     loads (masked along D) even when descriptors are asked for."""
     case = Case(**{**BASE, "D": 40, "mask": "b_hkv_1"}, causal=True)
-    calls = _compact_dq(monkeypatch, True)
-    inputs = _inputs(case, torch.float32)
-    got = run_with_grads(backend_fn(case, "triton"), *inputs)
-    assert calls == [(False, _dq_block_n(case, torch.float32))]
-    low = run_with_grads(reference_fn(case, torch.float32), *inputs)
-    truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
-    assert_close_to_reference(got, low, truth, torch.float32)
+    _check_reference(case, torch.float32, True, monkeypatch, expect=[(False, _dq_block_n(case, torch.float32))])
 
 
 def test_per_query_bias_takes_no_compact_dq(monkeypatch):
     """A per-query bias (the one case with dS per element, WRITE_DS) never selects the LIST path,
     so the backward builds no compact copies for it (and asserts so if it ever did)."""
     case = Case(**{**BASE, "Q": 70, "K": 90, "window": 40, "bias": "b_h_q"}, causal=True)
-    calls = _compact_dq(monkeypatch, False)
-    inputs = _inputs(case, torch.float32)
-    got = run_with_grads(backend_fn(case, "triton"), *inputs)
-    assert calls == []
-    low = run_with_grads(reference_fn(case, torch.float32), *inputs)
-    truth = run_with_grads(reference_fn(case, torch.float64), *inputs)
-    assert_close_to_reference(got, low, truth, torch.float32)
+    _check_reference(case, torch.float32, False, monkeypatch, expect=[])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
