@@ -1128,7 +1128,7 @@ COMPACT_DESC = None
 # not kept, and its BLOCK_N may differ) instead of gathering them through the indices in every tile,
 # like the forward (COMPACT_LIST). dq is bitwise equal to the gathering dq's (tests/
 # test_triton_compact_dq.py). Off until measured: it has never run on a GPU. The A/B to run on an
-# H200: ``python benchmarks/compact_dq_ab.py --json benchmarks/results/compact-dq-ab-h200-<date>.json``
+# H200: ``python benchmarks/compact_ab.py --kernel dq --json benchmarks/results/compact-dq-ab-h200-<date>.json``
 # (T32k and T8k fwd+bwd, global scope, off/on alternating); turn it on if T32k fwd+bwd drops
 # (8.08 ms gathering) by more than the rounds' spread.
 COMPACT_DQ = False
