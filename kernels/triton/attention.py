@@ -1145,7 +1145,7 @@ def _use_desc(q: torch.Tensor, D: int) -> bool:
     if COMPACT_DESC is not None:
         return COMPACT_DESC and D == _head_block(D)
     return (q.device.type == "cuda" and D == _head_block(D)
-            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+            and topk._properties(q.device.index).major >= 9)
 
 
 def _compact_lists(a: "_Launch", bn: int) -> dict:

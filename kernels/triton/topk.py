@@ -314,8 +314,14 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    """CUDA device ``index``'s properties, asked once: they do not change, and the query is host
+    time on every call that needs them."""
+    return torch.cuda.get_device_properties(index)
+
+
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _properties(index).multi_processor_count
 
 
 def _plan(K: int, rows: int, device: torch.device, chunk: Optional[int]) -> tuple[int, int]:
