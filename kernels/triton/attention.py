@@ -62,8 +62,8 @@ MAX_SEQ_LEN = 65535 * 32
 
 def _head_block(D: int) -> int:
     """tl.dot needs at least 16 along each dimension: D is padded to a power of two >= 16 and the
-    tail is masked on every load and store."""
-    return max(16, triton.next_power_of_2(D))
+    tail is masked on every load and store. Plain-int arithmetic: decode calls it on the host path."""
+    return max(16, topk.next_power_of_2(D))
 
 
 def launch_config(D: int, elem_size: int, kind: str) -> dict:
@@ -1210,7 +1210,7 @@ def _forward_split(p, sel, q, k, v, bias, out: torch.Tensor, lse: torch.Tensor) 
     width = sel.idx.shape[-1]
     nsplit = topk.next_power_of_2(_split_count(q.device, topk.cdiv(width, bn), p.B * p.H_kv))
     chunk = topk.cdiv(topk.cdiv(width, nsplit), bn) * bn
-    bd = max(16, topk.next_power_of_2(p.D))  # _head_block
+    bd = _head_block(p.D)
     rows = p.B * p.H * p.Q
     # One allocation for the three partials (each allocation shows in the host time of decode);
     # the kernels index them flat, so 1-D pieces do.
