@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import topk
+from . import launch, topk
 from .prefix import alive_order, block_lists
 from .selection import DENSE, LIST, PREFIX, THRESHOLD, make_selection
 
@@ -1333,3 +1333,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
 
     if dbias is not None:
         dbias.copy_(_reduce_dbias(dbias_f32, bias.shape))
+
+
+# Every kernel above launches through the short path of launch.py.
+launch.fast_all(globals())

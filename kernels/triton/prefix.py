@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 _INT64_MIN = -(2**63)
 
 
@@ -227,3 +229,7 @@ def alive_order(death: torch.Tensor, window: int, block_n: int) -> tuple[torch.T
     chunk = torch.where(rank < n_alive[:, None], rank // order_chunk(window, block_n), K)
     order = (chunk * K + by_death).sort(dim=-1).values % K
     return order.to(torch.int32).contiguous(), n_alive
+
+
+# Every kernel above launches through the short path of launch.py.
+launch.fast_all(globals())

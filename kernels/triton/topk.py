@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _KEY_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32}
 _BITS_VIEW = {16: torch.int16, 32: torch.int32}
@@ -439,3 +441,7 @@ def list_counts(idx: torch.Tensor, Q: int, K: int, block_m: int, is_causal: bool
     list_counts_kernel[(rows, cdiv(nblk, nb))](idx, cnt, W, Q, K, nblk, BLOCK_M=block_m,
                                                IS_CAUSAL=is_causal, NB=nb, STEPS=W.bit_length())
     return cnt
+
+
+# Every kernel above launches through the short path of launch.py.
+launch.fast_all(globals())

@@ -1,0 +1,188 @@
+"""The short launch path of the Triton kernels (``kernels/triton/launch.py``).
+
+On the CPU the wrapper runs against a stand-in kernel whose slow path binds arguments the way
+Triton's binder does: the short path must hand the launcher exactly the arguments and grid the slow
+path would, and fall back to it for every call its key does not describe. On a GPU the backend's own
+kernels must take the short path and give bitwise the results of Triton's path."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+
+from cases import Case, device_for, make_inputs, unavailable
+
+launch = pytest.importorskip("dmattn.kernels.triton.launch")
+if launch.knobs is None:
+    pytest.skip("this Triton has no knobs module: the short launch path is off", allow_module_level=True)
+
+
+def _kernel_source(a, b, n, flag, BLOCK=4, EXTRA=None):
+    pass
+
+
+class _Compiled:
+    """Stands in for a CompiledKernel: its launcher records what it was handed."""
+
+    function = "fn-handle"
+    packed_metadata = ("meta",)
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, gx, gy, gz, stream, function, packed, metadata, enter, exit_, *args):
+        self.launches.append(((gx, gy, gz), stream, function, packed, metadata, enter, exit_, args))
+
+
+class _Kernel:
+    """Stands in for a JITFunction: ``run`` binds like Triton's binder, compiles once per call of it."""
+
+    def __init__(self):
+        sig = inspect.signature(_kernel_source)
+        self.params = [types.SimpleNamespace(name=n, default=p.default) for n, p in sig.parameters.items()]
+        self.pre_run_hooks = []
+        self.sig = sig
+        self.slow_calls = 0
+        self.compiled = _Compiled()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.slow_calls += 1
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages")}
+        bound = self.sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if not warmup:
+            g = tuple(grid(bound.arguments) if callable(grid) else grid) + (1, 1)
+            self.compiled.run(g[0], g[1], g[2], 7, self.compiled.function, self.compiled.packed_metadata,
+                              None, None, None, *bound.arguments.values())
+        assert isinstance(options, dict)
+        return self.compiled
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 7)
+    monkeypatch.setattr(launch, "driver", types.SimpleNamespace(active=active))
+    monkeypatch.setattr(launch, "ENABLED", True)
+    k = _Kernel()
+    k.run = launch._Run(k)
+    return k
+
+
+def _launch(k, grid, *args, **kwargs):
+    k.run(*args, grid=grid, warmup=False, **kwargs)
+    return k.compiled.launches[-1]
+
+
+def test_hit_passes_the_slow_paths_arguments(kernel):
+    a, b = torch.zeros(8), torch.ones(8)
+    slow = _launch(kernel, (3,), a, b, 5, False, BLOCK=8, num_warps=4)
+    fast = _launch(kernel, (3,), a, b, 5, False, BLOCK=8, num_warps=4)
+    assert kernel.slow_calls == 1 and kernel.run.hits == 1
+    assert fast == slow
+    assert fast[0] == (3, 1, 1) and fast[-1][-2:] == (8, None)  # grid padded; defaults filled in order
+    # Keyword arguments for parameters land in their signature positions.
+    slow = _launch(kernel, (2, 5), a, b, n=9, flag=True, EXTRA=3)
+    fast = _launch(kernel, (2, 5), a, b, n=9, flag=True, EXTRA=3)
+    assert kernel.slow_calls == 2 and kernel.run.hits == 2 and fast == slow
+    assert fast[-1][2:] == (9, True, 4, 3)
+
+
+@pytest.mark.parametrize("change", ["int", "bool_vs_int", "float_vs_int", "dtype", "alignment", "constexpr",
+                                    "option"])
+def test_anything_that_changes_the_specialisation_misses(kernel, change):
+    a, b = torch.zeros(16, dtype=torch.float16), torch.ones(8)
+    base = dict(args=(a, b, 1, False), kwargs=dict(BLOCK=4, num_warps=4))
+    other = dict(args=list(base["args"]), kwargs=dict(base["kwargs"]))
+    if change == "int":
+        other["args"][2] = 16
+    elif change == "bool_vs_int":
+        other["args"][2] = True
+    elif change == "float_vs_int":
+        other["args"][2] = 1.0
+    elif change == "dtype":
+        other["args"][0] = a.to(torch.bfloat16)
+    elif change == "alignment":
+        other["args"][0] = a[1:]  # 2 bytes past a 16-byte boundary
+        assert other["args"][0].data_ptr() % 16 != 0
+    elif change == "constexpr":
+        other["kwargs"]["BLOCK"] = 8
+    elif change == "option":
+        other["kwargs"]["num_warps"] = 8
+    for form in (base, other, base, other):
+        _launch(kernel, (1,), *form["args"], **form["kwargs"])
+    assert kernel.slow_calls == 2 and kernel.run.hits == 2
+
+
+def test_calls_the_key_does_not_describe_take_the_slow_path(kernel, monkeypatch):
+    a, b = torch.zeros(8), torch.ones(8)
+    for _ in range(2):
+        _launch(kernel, lambda meta: (meta["n"],), a, b, 3, False)  # callable grid
+        _launch(kernel, (1,), a, b, object(), False)  # an argument kind the key does not cover
+        kernel.run(a, b, 3, False, grid=(1,), warmup=True)
+    assert kernel.run.hits == 0 and kernel.slow_calls == 6
+    assert kernel.compiled.launches[0][0] == (3, 1, 1)
+
+    _launch(kernel, (1,), a, b, 3, False)
+    calls = kernel.slow_calls
+    monkeypatch.setattr(launch, "ENABLED", False)
+    _launch(kernel, (1,), a, b, 3, False)
+    assert kernel.slow_calls == calls + 1 and kernel.run.hits == 0
+    monkeypatch.setattr(launch, "ENABLED", True)
+    hook = lambda metadata: None  # noqa: E731
+    chain = launch.knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton's launch hook is not a chain")
+    chain.add(hook)
+    try:
+        _launch(kernel, (1,), a, b, 3, False)
+    finally:
+        chain.remove(hook)
+    assert kernel.slow_calls == calls + 2 and kernel.run.hits == 0
+    kernel.pre_run_hooks.append(lambda *args, **kwargs: None)
+    _launch(kernel, (1,), a, b, 3, False)
+    assert kernel.slow_calls == calls + 3 and kernel.run.hits == 0
+
+
+def test_cache_is_bounded(kernel, monkeypatch):
+    monkeypatch.setattr(launch, "_CACHE_LIMIT", 4)
+    a, b = torch.zeros(8), torch.ones(8)
+    for n in range(10):
+        _launch(kernel, (1,), a, b, n, False)
+    assert len(kernel.run.cache) <= 4
+
+
+def _modules():
+    from dmattn.kernels.triton import attention, prefix, topk
+    return attention, prefix, topk
+
+
+def test_backend_kernels_are_wrapped_only_when_compiled():
+    from triton.runtime.jit import JITFunction
+    kernels = [v for m in _modules() for n, v in vars(m).items() if n.endswith("_kernel")]
+    assert kernels
+    for k in kernels:
+        assert isinstance(k.run, launch._Run) == isinstance(k, JITFunction)
+
+
+@pytest.mark.skipif(unavailable("triton") is not None or device_for("triton") != "cuda",
+                    reason="needs the triton backend on a GPU")
+def test_gpu_short_path_is_taken_and_matches_tritons(monkeypatch):
+    import dmattn
+    attention = _modules()[0]
+    case = Case(B=2, Q=300, K=300, H=4, H_kv=2, D=64, window=100, causal=True)
+    q, k, v, bias, mask = make_inputs(case, torch.bfloat16, "cuda")
+    call = lambda: dmattn.dma_attention(q, k, v, bias, mask, window=case.window, is_causal=True,  # noqa: E731
+                                        return_lse=True, backend="triton")
+    monkeypatch.setattr(launch, "ENABLED", False)
+    with torch.no_grad():
+        want = call()
+        monkeypatch.setattr(launch, "ENABLED", True)
+        hits = attention.dma_fwd_kernel.run.hits
+        call()
+        got = call()
+    assert attention.dma_fwd_kernel.run.hits >= hits + 1
+    for g, w in zip(got, want):
+        assert torch.equal(g.nan_to_num(), w.nan_to_num()) and torch.equal(g.isnan(), w.isnan())
