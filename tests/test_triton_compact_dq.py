@@ -1,5 +1,5 @@
-"""The Triton dq kernel over compact copies of the selected keys (``attention.COMPACT_DQ``, off by
-default until measured): all gradients against the float64 reference on the LIST path
+"""The Triton dq kernel over compact copies of the selected keys (``attention.COMPACT_DQ``, on by
+default): all gradients against the float64 reference on the LIST path
 (query-broadcast bias and mask, global scope), through contiguous pointer loads and through tensor
 descriptors (the interpreter runs both), and bitwise equal to the gathering dq (COMPACT_DQ off),
 with dk, dv and dbias untouched."""

@@ -1127,11 +1127,12 @@ COMPACT_DESC = None
 # (``_compact_lists`` for the dq launch's BLOCK_N, built again in the backward: the forward's are
 # not kept, and its BLOCK_N may differ) instead of gathering them through the indices in every tile,
 # like the forward (COMPACT_LIST). dq is bitwise equal to the gathering dq's (tests/
-# test_triton_compact_dq.py). Off until measured: it has never run on a GPU. The A/B to run on an
-# H200: ``python benchmarks/compact_ab.py --kernel dq --json benchmarks/results/compact-dq-ab-h200-<date>.json``
-# (T32k and T8k fwd+bwd, global scope, off/on alternating); turn it on if T32k fwd+bwd drops
-# (8.08 ms gathering) by more than the rounds' spread.
-COMPACT_DQ = False
+# test_triton_compact_dq.py). Measured on an H200 (bf16, H 32, H_kv 8, D 128, causal, global scope,
+# fwd+bwd from the bias, alternating rounds; benchmarks/results/compact-dq-ab-h200-2026-11-28.json,
+# ``benchmarks/compact_ab.py --kernel dq``): T32k 8.07 / 8.11 ms gathering, 7.70 / 7.72 compact
+# with descriptors, 7.88 / 7.88 compact with pointer loads; T8k 1.84-2.73 ms for all three (host-
+# bound at that size, the rounds' spread covers any difference). All gradients bitwise equal.
+COMPACT_DQ = True
 
 
 def _compact_heads(H: int, H_kv: int, H_s: int) -> int:

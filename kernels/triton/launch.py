@@ -46,22 +46,21 @@ _VALUES = (int, float, bool, str, type(None))
 
 
 def _args_key(args, kwargs):
-    """The part of the key the arguments give, or None when one of them is not a kind it covers."""
+    """The part of the key the arguments give, or None when one of them is not a kind it covers:
+    a tensor gives its dtype and whether its address is 16-byte aligned, an int its value, and a
+    float, bool, str or None its type and value (Triton compiles True, 1 and 1.0 differently)."""
     key = []
-    for a in args:
+    for a in (*args, *kwargs.values()):
         t = type(a)
         if t is int:
             key.append(a)
         elif isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
         elif t in _VALUES:
-            key.append((t, a))  # the type keeps True, 1 and 1.0 apart: Triton compiles them differently
+            key.append((t, a))
         else:
             return None
-    for name, a in kwargs.items():
-        if type(a) not in _VALUES:
-            return None
-        key.append((name, type(a), a))
+    key.append(tuple(kwargs))  # the keywords' names, in the order given
     return tuple(key)
 
 
