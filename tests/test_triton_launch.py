@@ -203,6 +203,21 @@ def test_tensors_passed_by_keyword_are_keyed(kernel):
     assert kernel.slow_calls == 3 and kernel.run.hits == 1
 
 
+def test_tensor_descriptors_are_keyed(kernel):
+    TensorDescriptor = launch.TensorDescriptor
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    a, b = torch.zeros(8), torch.ones(8)
+    rows = torch.zeros(64, 32, dtype=torch.float16)
+    descs = [TensorDescriptor.from_tensor(rows, block_shape=[16, 32]),
+             TensorDescriptor.from_tensor(rows, block_shape=[32, 32]),  # other block: miss
+             TensorDescriptor.from_tensor(rows[:48], block_shape=[16, 32]),  # other shape: miss
+             TensorDescriptor.from_tensor(rows.clone(), block_shape=[16, 32])]  # same kind: hit
+    launches = [_launch(kernel, (1,), a, b, 3, False, EXTRA=d) for d in descs]
+    assert kernel.slow_calls == 3 and kernel.run.hits == 1
+    assert launches[-1][-1][-1] is descs[-1]
+
+
 class _KeyCheck:
     """Stands in for a module's kernel: records whether the short path's key covers each launch."""
 
@@ -224,16 +239,15 @@ class _KeyCheck:
     Case(B=1, Q=40, K=40, H=2, H_kv=1, D=16, bias="b_h_q", window=9),  # per-query bias: tiles
     Case(B=1, Q=30, K=30, H=2, H_kv=2, D=16, window=None, causal=True)], ids=str)  # dense
 def test_every_launch_of_the_backend_is_keyed(monkeypatch, case):
-    """The key covers every argument kind the backend passes (the compact forward's tensor
-    descriptors aside, which are GPU-only), so no launch silently takes Triton's path; forward
-    and backward."""
+    """The key covers every argument kind the backend passes, so no launch silently takes
+    Triton's path; forward and backward."""
     import dmattn
     seen = []
     for module in _modules():
         for name, value in list(vars(module).items()):
             if name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, _KeyCheck(name, value, seen))
-    monkeypatch.setattr(_modules()[0], "COMPACT_DESC", False)
+    monkeypatch.setattr(_modules()[0], "COMPACT_DESC", True)  # the LIST path passes tensor descriptors
     q, k, v, bias, mask = make_inputs(case, torch.float32, device_for("triton"))
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = dmattn.dma_attention(*leaves, bias, mask, window=case.window, is_causal=case.causal,

@@ -13,8 +13,8 @@ specialisation exactly: each tensor's dtype and whether its address is 16-byte a
 argument's type and value (sizes, strides, constexprs, launch options), the device and Triton's
 debug and instrumentation settings. A hit launches through the compiled kernel's own launcher with the same arguments and
 grid Triton's path would pass. Anything the key does not describe takes Triton's path unchanged:
-warm-up, a callable grid, tensor descriptors or other argument kinds, pre-run hooks, and launch
-hooks (a profiler such as proton installs those).
+warm-up, a callable grid, argument kinds other than tensors, host tensor descriptors and plain
+values, pre-run hooks, and launch hooks (a profiler such as proton installs those).
 
 What the short path skips is Triton's check that the globals a kernel read have not changed since
 it was compiled (a RuntimeError there); our kernels read only module constants, which are not
@@ -35,6 +35,10 @@ try:  # Triton 3.4 and newer; older releases keep the slow path
     from triton import knobs
 except ImportError:  # pragma: no cover - depends on the installed Triton
     knobs = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
 
 ENABLED = knobs is not None and os.environ.get("DMATTN_TRITON_FAST_LAUNCH", "1") != "0"
 
@@ -47,8 +51,9 @@ _VALUES = (int, float, bool, str, type(None))
 
 def _args_key(args, kwargs):
     """The part of the key the arguments give, or None when one of them is not a kind it covers:
-    a tensor gives its dtype and whether its address is 16-byte aligned, an int its value, and a
-    float, bool, str or None its type and value (Triton compiles True, 1 and 1.0 differently)."""
+    a tensor gives its dtype and whether its address is 16-byte aligned, an int its value, a
+    float, bool, str or None its type and value (Triton compiles True, 1 and 1.0 differently), and a
+    host tensor descriptor its base's dtype, shape, strides, block shape and padding."""
     key = []
     for a in (*args, *kwargs.values()):
         t = type(a)
@@ -58,6 +63,9 @@ def _args_key(args, kwargs):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
         elif t in _VALUES:
             key.append((t, a))
+        elif t is TensorDescriptor:
+            # Its base is 16-byte aligned by construction; the rest of what Triton may specialise on.
+            key.append((t, a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding))
         else:
             return None
     key.append(tuple(kwargs))  # the keywords' names, in the order given
