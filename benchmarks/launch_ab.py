@@ -53,7 +53,7 @@ def main() -> None:
         mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
         q, k, v, bias = mk(B, Q, 32, 128), mk(B, K, 8, 128), mk(B, K, 8, 128), mk(B, 8, 1, K)
         fn = lambda: dmattn.dma_attention(q, k, v, bias, window=w, is_causal=causal,  # noqa: E731
-                                          return_lse=True, backend="triton")
+                                          topk_scope="global", return_lse=True, backend="triton")
         row = {"off": {"host_ms": [], "median_ms": []}, "on": {"host_ms": [], "median_ms": []}}
         outs = {}
         with torch.no_grad():
