@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import launch, topk
-from .prefix import alive_order, block_lists
+from .prefix import alive_order, block_lists, superblock_lists, superblock_size
 from .selection import DENSE, LIST, PREFIX, THRESHOLD, make_selection
 
 # The interpreter computes bfloat16 dots and arithmetic wrongly (ENV.md); under it every dot
@@ -348,13 +348,15 @@ def _compact_rows(C, c_off, start, n_ok, offs_d, D: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
+def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap, Dth, drow,
                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                    FULL: tl.constexpr):
+                    FULL: tl.constexpr, PREFIX: tl.constexpr = False):
     """``_scores`` of the compact LIST tiles (list positions ``pos``, real below the limit where
     ``n_ok``): the bias values come from the compact row BC + c_off, and only a tested tile loads
     its key indices, for the causal test. Same arithmetic in the same order as ``_scores`` (bias
-    added before the -inf select), so the compact kernels match the gathering ones to the bit."""
+    added before the -inf select), so the compact kernels match the gathering ones to the bit.
+    PREFIX (the visible scope's super-block lists): a tested tile also loads its keys' death
+    positions (row ``drow`` of Dth) and tests ``c_i < death_j``."""
     s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         if FULL:
@@ -367,15 +369,18 @@ def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off,
         if IS_CAUSAL:
             offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)  # [BLOCK_N]
             vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+            if PREFIX:
+                death = tl.load(Dth + drow * K + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
+                vis = vis & (death[None, :] > offs_m[:, None] + off)
         s = tl.where(vis, s, float("-inf"))
     return s, t
 
 
 @triton.jit
 def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m, offs_d, m_ok,
-                      off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                      UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr):
+                      off, K, scale, softcap, Dth, drow, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                      UPCAST: tl.constexpr, USE_DESC: tl.constexpr, FULL: tl.constexpr, PREFIX: tl.constexpr):
     """``_fwd_tile`` of the LIST path over the compact buffers (``forward``, COMPACT_LIST): key,
     value and bias rows of list positions ``start`` .. are contiguous. The key indices are loaded
     only on tested tiles, for the causal test; a FULL tile touches no index. The arithmetic is that
@@ -384,7 +389,7 @@ def _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, 
     n_ok = pos < limit  # entries below limit are real keys (padding K is beyond every causal limit)
     k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     s, t = _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
-                           IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+                           Dth, drow, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL, PREFIX)  # [BLOCK_M, BLOCK_N]
     p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)  # p: [BLOCK_M, BLOCK_N]
     v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
@@ -411,7 +416,7 @@ def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, sk
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH"))
+@triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH", "NSB", "SBG"))
 def dma_fwd_kernel(
     Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
@@ -422,11 +427,13 @@ def dma_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, TILES: tl.constexpr,
-    COMPACT: tl.constexpr = False, USE_DESC: tl.constexpr = False,
+    COMPACT: tl.constexpr = False, USE_DESC: tl.constexpr = False, NSB=1, SBG=1,
 ):
-    """COMPACT (LIST path only): keys, values and bias values come from the compact buffers KC, VC
-    (rows of D elements, or tensor descriptors with USE_DESC) and BC, WC rows per list, one list
-    per (batch, compact head h * CH // H); see ``_compact_lists``."""
+    """COMPACT: keys, values and bias values come from the compact buffers KC, VC (rows of D
+    elements, or tensor descriptors with USE_DESC) and BC, WC rows per list. LIST path: one list per
+    (batch, compact head h * CH // H); see ``_compact_lists``. PREFIX path: NSB lists per (batch,
+    compact head), one per super-block of SBG query blocks, and Idx, Cnt the super-block lists and
+    each block's ranges in them (``prefix.superblock_lists``); see ``_compact_prefix``."""
     (pid_bh, pid_m, b, h, off, row, bias_base, mask_base, k_base, v_base, offs_m, offs_d, m_ok, d_ok,
      q) = _query_block(Qp, Kp, Vp, Bp, Mp, sqb, sqm, sqh, sqd, skb, skh, svb, svh, sbb, sbh, smb, smh,
                        Q, K, H, GROUP, D, HB, HM, SEL_B, H_S, BLOCK_M, BLOCK_D)
@@ -438,16 +445,47 @@ def dma_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Tiles every query of the block sees in full first, then the tested rest (the causal edge).
-    if COMPACT:
+    if COMPACT and PATH == _PREFIX:
+        # The block's ranges in its super-block's list: tested [t0, f0), FULL [f0, f1), tested
+        # [f1, t1) and [r0, r1); FULL tiles start at f0 and the remainder of [f0, f1) joins the
+        # tested tail.
+        sb = pid_m // SBG
+        c_off = ((b * CH + h * CH // H) * NSB + sb).to(tl.int64) * WC
+        lst = (row * NSB + sb) * W
+        meta = Cnt + (row * NBLK + pid_m) * 6
+        t0 = tl.load(meta)
+        f0 = tl.load(meta + 1)
+        f1 = tl.load(meta + 2)
+        t1 = tl.load(meta + 3)
+        r0 = tl.load(meta + 4)
+        r1 = tl.load(meta + 5)
+        f_end = f0 + (f1 - f0) // BLOCK_N * BLOCK_N
+        for start in range(f0, f_end, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, f_end, Idx, lst, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, True, True)
+        for start in range(t0, f0, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, f0, Idx, lst, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
+        for start in range(f_end, t1, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, t1, Idx, lst, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
+        for start in range(r0, r1, BLOCK_N):
+            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, r1, Idx, lst, KC, VC, BC, c_off,
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
+    elif COMPACT:
         c_off = (b * CH + h * CH // H).to(tl.int64) * WC
         for start in range(0, full, BLOCK_N):
             acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off,
-                                              offs_m, offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
-                                              IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, True)
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, True, False)
         for start in range(full, limit, BLOCK_N):
             acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off,
-                                              offs_m, offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
-                                              IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False)
+                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
+                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, False)
     else:
         for start in range(0, full, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
@@ -468,20 +506,32 @@ def dma_fwd_kernel(
     tl.store(Lse + pid_bh.to(tl.int64) * Q + offs_m, lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=("K", "W", "WC", "H", "CH", "GROUP", "HB", "SEL_B", "H_S"))
+@triton.jit(do_not_specialize=("K", "W", "WC", "H", "CH", "GROUP", "HB", "SEL_B", "H_S", "NSB", "PAD"))
 def compact_gather_kernel(Kp, Vp, Bp, Idx, KC, VC, BC, skb, skn, skh, skd, svb, svn, svh, svd, sbb, sbh, sbn,
                           K, W, WC, H, CH, GROUP, HB, SEL_B, H_S, D: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Program (batch x compact head, block of list positions): the key and value rows (D each) and
-    bias values of its list's entries into KC, VC, BC at row (b * CH + hc) * WC + position; the
-    padding (sentinel K, and positions W .. WC - 1) gets zeros. Compact head hc serves query heads
-    hc * H // CH .. (hc + 1) * H // CH - 1, which share a selection row, a kv head and a bias head."""
+                          BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, NL, NSB=1, PAD=0,
+                          COUNTED: tl.constexpr = False):
+    """Program (batch x compact head, block of list positions[, list]): the key and value rows (D
+    each) and bias values of its list's entries into KC, VC, BC at row (b * CH + hc) * WC + position;
+    the padding (sentinel K, and positions W .. WC - 1) gets zeros. Compact head hc serves query heads
+    hc * H // CH .. (hc + 1) * H // CH - 1, which share a selection row, a kv head and a bias head.
+    COUNTED (the PREFIX super-block lists): NSB lists of W entries per selection row (grid axis 2),
+    NL[row, list] of them real; copy row ((b * CH + hc) * NSB + list) * WC + position. Only the PAD
+    rows after the count get zeros (all a tile that starts below the count can read); the rest of
+    the WC rows stay unset and are never read."""
     pid = tl.program_id(0)
+    lst = tl.program_id(2)
     b = (pid // CH).to(tl.int64)
     h = pid % CH * (H // CH)  # the first query head of the compact head
     row = b * SEL_B + h * H_S // H
     pos = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
-    keys = tl.load(Idx + row * W + pos, mask=pos < W, other=K)
+    if COUNTED:
+        n = tl.load(NL + row * NSB + lst)
+        stored = tl.minimum(n + PAD, WC)
+    else:
+        n = W
+        stored = WC
+    keys = tl.load(Idx + (row * NSB + lst) * W + pos, mask=pos < n, other=K)
     ok = keys < K
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D)[None, :]
@@ -489,13 +539,13 @@ def compact_gather_kernel(Kp, Vp, Bp, Idx, KC, VC, BC, skb, skn, skh, skd, svb, 
     g = (h // GROUP).to(tl.int64)
     krows = tl.load(Kp + b * skb + g * skh + kj * skn + offs_d[None, :] * skd, mask=ok[:, None] & d_ok, other=0.0)
     vrows = tl.load(Vp + b * svb + g * svh + kj * svn + offs_d[None, :] * svd, mask=ok[:, None] & d_ok, other=0.0)
-    dst = pid.to(tl.int64) * WC + pos  # [BLOCK_P]
-    st = (pos < WC)[:, None] & d_ok
+    dst = (pid.to(tl.int64) * NSB + lst) * WC + pos  # [BLOCK_P]
+    st = (pos < stored)[:, None] & d_ok
     tl.store(KC + dst[:, None] * D + offs_d[None, :], krows, mask=st)
     tl.store(VC + dst[:, None] * D + offs_d[None, :], vrows, mask=st)
     if HAS_BIAS:
         braw = tl.load(Bp + b * sbb + (h * HB // H).to(tl.int64) * sbh + keys.to(tl.int64) * sbn, mask=ok, other=0.0)
-        tl.store(BC + dst, braw, mask=pos < WC)
+        tl.store(BC + dst, braw, mask=pos < stored)
 
 
 @triton.jit
@@ -552,7 +602,7 @@ def _compact_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, KC, VC,
     k = _compact_rows(KC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     v = _compact_rows(VC, c_off, start, n_ok, offs_d, D, BLOCK_N, BLOCK_D, USE_DESC, FULL)  # [BLOCK_N, BLOCK_D]
     s, t = _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap,
-                           IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+                           Idx, 0, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
     dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
@@ -1096,11 +1146,14 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
     a = _Launch(p, q, k, v, bias, mask, sel)
     cfg = launch_config(p.D, q.element_size(), "fwd")
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    lists = a.query_lists(bm, bn)
-    if COMPACT_LIST and a.sel.path == LIST:
-        compact = _compact_lists(a, bn)
+    if COMPACT_PREFIX and a.sel.path == PREFIX:
+        lists, compact = _compact_prefix(a, bm, bn)
     else:
-        compact = dict(KC=a.ints, VC=a.ints, BC=a.ints, CH=1, WC=0)
+        lists = a.query_lists(bm, bn)
+        if COMPACT_LIST and a.sel.path == LIST:
+            compact = _compact_lists(a, bn)
+        else:
+            compact = dict(KC=a.ints, VC=a.ints, BC=a.ints, CH=1, WC=0)
     grid = (p.B * p.H, triton.cdiv(p.Q, bm))
     dma_fwd_kernel[grid](
         q, k, v, a.bias, a.mask, out, lse, lists.pop("Idx"), lists.pop("Cnt"), a.tv, a.ti, a.death,
@@ -1133,6 +1186,53 @@ COMPACT_DESC = None
 # with descriptors, 7.88 / 7.88 compact with pointer loads; T8k 1.84-2.73 ms for all three (host-
 # bound at that size, the rounds' spread covers any difference). All gradients bitwise equal.
 COMPACT_DQ = True
+
+
+# The forward of a PREFIX call (visible scope) reads keys, values and bias values from contiguous
+# copies too (``_compact_prefix``). A block's alive keys overlap its neighbours' almost entirely, so
+# the copies are per super-block of SBG query blocks (``prefix.superblock_lists``): the keys alive
+# at its start by death, then those born inside it by position, so that each query block sees one
+# contiguous range of its super-block's list: a tested head (keys dying inside the block), a FULL
+# middle and a tested tail (keys born inside it), plus a tested range of the keys born and dying
+# inside the super-block. T32k (w 2048, 128-query blocks, super-blocks of
+# 16 blocks): 16 lists of about 2300 keys per row, 8 rows: about 150 MB of copies, in place of the
+# per-block lists (0.26 ms on an H200) and a kernel that gathered every key row through an index.
+# Not yet measured on a GPU (benchmarks/visible_ab.py); the interpreter tests cover it.
+COMPACT_PREFIX = True
+# Queries per super-block (None: the window); see ``prefix.superblock_size``.
+PREFIX_SUPERBLOCK = None
+
+
+def _compact_prefix(a: "_Launch", bm: int, bn: int) -> tuple[dict, dict]:
+    """The forward's lists and compact buffers of a PREFIX call for query blocks of ``bm`` and key
+    tiles of ``bn``: the super-block lists (Idx), each block's ranges in them (Cnt), and per (batch,
+    compact head, super-block) the key and value rows KC, VC and bias values BC of its list, WC
+    rows each, with ``bn`` zero rows after each list's count (a tested tile never reads further)."""
+    p, sel, q = a.p, a.sel, a.q
+    g = superblock_size(p.effective_window, bm, PREFIX_SUPERBLOCK)
+    idx, nl, meta = superblock_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, bm, g)
+    rows_s, nsb, lw = idx.shape
+    wc = triton.cdiv(lw, bn) * bn
+    ch = _compact_heads(p.H, p.H_kv, sel.H_s)
+    rows = p.B * ch * nsb
+    kv = torch.empty(2, rows * wc, p.D, dtype=q.dtype, device=q.device)
+    has_bias = a.flags["HAS_BIAS"]
+    bc = torch.empty(rows * wc, dtype=a.bias.dtype, device=q.device) if has_bias else a.ints
+    block_p = 32 if INTERPRETED else 64
+    sb = a.strides[12:16]
+    compact_gather_kernel[(p.B * ch, triton.cdiv(wc, block_p), nsb)](
+        a.k, a.v, a.bias, idx, kv[0], kv[1], bc, *a.strides[4:12], sb[0], sb[1], sb[3],
+        p.K, lw, wc, p.H, ch, p.H // p.H_kv, a.sizes["HB"], a.sizes["SEL_B"], a.sizes["H_S"],
+        D=p.D, BLOCK_P=block_p, BLOCK_D=_head_block(p.D), HAS_BIAS=has_bias, NL=nl, NSB=nsb, PAD=bn, COUNTED=True)
+    kc, vc = kv[0], kv[1]
+    use_desc = _use_desc(q, p.D) and rows * wc < 2**31
+    if use_desc:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        kc = TensorDescriptor.from_tensor(kc, block_shape=[bn, p.D])
+        vc = TensorDescriptor.from_tensor(vc, block_shape=[bn, p.D])
+    lists = dict(Idx=idx, Cnt=meta, W=lw, NBLK=meta.shape[1])
+    compact = dict(KC=kc, VC=vc, BC=bc, CH=ch, WC=wc, NSB=nsb, SBG=g, COMPACT=True, USE_DESC=use_desc)
+    return lists, compact
 
 
 def _compact_heads(H: int, H_kv: int, H_s: int) -> int:
@@ -1168,7 +1268,7 @@ def _compact_lists(a: "_Launch", bn: int) -> dict:
     compact_gather_kernel[(rows, triton.cdiv(wc, block_p))](
         a.k, a.v, a.bias, sel.idx, kv[0], kv[1], bc, *a.strides[4:12], sb[0], sb[1], sb[3],
         p.K, W, wc, p.H, ch, p.H // p.H_kv, a.sizes["HB"], a.sizes["SEL_B"], a.sizes["H_S"],
-        D=p.D, BLOCK_P=block_p, BLOCK_D=bd, HAS_BIAS=has_bias)
+        D=p.D, BLOCK_P=block_p, BLOCK_D=bd, HAS_BIAS=has_bias, NL=a.ints)
     kc, vc = kv[0], kv[1]
     use_desc = _use_desc(q, p.D) and rows * wc < 2**31
     if use_desc:

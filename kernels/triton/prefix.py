@@ -31,6 +31,7 @@ per element; death order alone visits 1.5x, 67% tested, and position order 2.9x.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -229,6 +230,139 @@ def alive_order(death: torch.Tensor, window: int, block_n: int) -> tuple[torch.T
     chunk = torch.where(rank < n_alive[:, None], rank // order_chunk(window, block_n), K)
     order = (chunk * K + by_death).sort(dim=-1).values % K
     return order.to(torch.int32).contiguous(), n_alive
+
+
+@triton.jit
+def prefix_super_lists_kernel(Death, ByDeath, DeathSorted, NAlive, L, NL, Meta, Q, K, NBLK, NSB, LW,
+                              BLOCK_M: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, STEPS: tl.constexpr):
+    """Program (super-block s, row): the keys any query of super-block s (query blocks s*G ..
+    s*G+G-1, limits C_lo..C_hi) can see, into L[row, s, :NL[row, s]] as three runs:
+
+    1. the keys alive at C_lo born at or before it (``j <= C_lo < death_j``), by death ascending:
+       first those dying inside the super-block, then the ones that outlive it;
+    2. the keys born inside it that outlive it (``C_lo < j <= C_hi < death_j``), by position;
+    3. the keys born and dying inside it (``C_lo < j < death_j <= C_hi``), by position.
+
+    Query block k of the super-block (limits c_lo..c_hi) then sees a contiguous range of runs 1-2:
+    run-1 keys dying inside the block (tested head), run-1 keys dying after it and run-2 keys born
+    at or before c_lo (seen by every query of the block: FULL), run-2 keys born inside the block
+    (tested tail); and a range of run 3, from its first key alive at c_lo to its last born by c_hi
+    (tested). Per block into Meta[row, block, :6]: (head start, FULL start, FULL end, tail end,
+    run-3 start, run-3 end)."""
+    sb = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    off = K - Q
+    c0 = sb * G * BLOCK_M + off  # C_lo
+    c1 = tl.minimum(sb * G * BLOCK_M + G * BLOCK_M, Q) - 1 + off  # C_hi
+    blk = sb * G + tl.arange(0, G)  # [G]
+    c_lo = blk * BLOCK_M + off  # [G]
+    c_hi = tl.minimum(blk * BLOCK_M + BLOCK_M, Q) - 1 + off  # [G]
+    out = L + (row * NSB + sb) * LW
+
+    # Run 1: ByDeath holds the ever-alive keys by death ascending; skip those dead by C_lo.
+    n_alive = tl.load(NAlive + row)
+    lo = n_alive * 0
+    hi = n_alive
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        dm = tl.load(DeathSorted + row * K + tl.minimum(mid, K - 1))
+        active = lo < hi
+        le = dm <= c0
+        lo = tl.where(active & le, mid + 1, lo)
+        hi = tl.where(active & (dm > c0), mid, hi)
+    n = tl.full([], 0, tl.int32)
+    dead_lo = tl.zeros([G], dtype=tl.int32)  # run-1 keys dead for the whole block (death <= c_lo)
+    dead_hi = tl.zeros([G], dtype=tl.int32)  # run-1 keys dying at or before its last query
+    for start in range(lo, n_alive, TILE):
+        t = start + tl.arange(0, TILE)  # [TILE]
+        ok = t < n_alive
+        j = tl.load(ByDeath + row * K + t, mask=ok, other=0)
+        d = tl.load(DeathSorted + row * K + t, mask=ok, other=0)
+        keep = ok & (j <= c0) & (d > c0)
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        n += tl.sum(keep.to(tl.int32), 0)
+        dead_lo += tl.sum((keep[None, :] & (d[None, :] <= c_lo[:, None])).to(tl.int32), 1)
+        dead_hi += tl.sum((keep[None, :] & (d[None, :] <= c_hi[:, None])).to(tl.int32), 1)
+    n1 = n
+
+    # Run 2: the keys born inside the super-block that outlive it, by position.
+    born_lo = tl.zeros([G], dtype=tl.int32)  # born at or before the block's first query
+    born_hi = tl.zeros([G], dtype=tl.int32)  # born at or before its last query
+    for start in range(tl.maximum(c0 + 1, 0), c1 + 1, TILE):
+        j = start + tl.arange(0, TILE)  # [TILE]
+        ok = j <= c1
+        d = tl.load(Death + row * K + j, mask=ok, other=0)
+        keep = ok & (d > c1)
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        n += tl.sum(keep.to(tl.int32), 0)
+        born_lo += tl.sum((keep[None, :] & (j[None, :] <= c_lo[:, None])).to(tl.int32), 1)
+        born_hi += tl.sum((keep[None, :] & (j[None, :] <= c_hi[:, None])).to(tl.int32), 1)
+    n2 = n
+
+    # Run 3: the keys born and dying inside the super-block, by position.
+    tr_lo = tl.full([G], 2**30, tl.int32)  # the first one still alive at the block's first query
+    tr_hi = tl.zeros([G], dtype=tl.int32)  # how many are born at or before its last query
+    for start in range(tl.maximum(c0 + 1, 0), c1 + 1, TILE):
+        j = start + tl.arange(0, TILE)  # [TILE]
+        ok = j <= c1
+        d = tl.load(Death + row * K + j, mask=ok, other=0)
+        keep = ok & (d > j) & (d <= c1)
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, j, mask=keep)
+        n += tl.sum(keep.to(tl.int32), 0)
+        tr_hi += tl.sum((keep[None, :] & (j[None, :] <= c_hi[:, None])).to(tl.int32), 1)
+        alive = keep[None, :] & (d[None, :] > c_lo[:, None])  # [G, TILE]
+        tr_lo = tl.minimum(tr_lo, tl.min(tl.where(alive, slot[None, :], 2**30), 1))
+
+    tl.store(NL + row * NSB + sb, n)
+    meta = Meta + (row * NBLK + blk) * 6
+    real = blk < NBLK
+    tl.store(meta, dead_lo, mask=real)
+    tl.store(meta + 1, dead_hi, mask=real)
+    tl.store(meta + 2, n1 + born_lo, mask=real)
+    tl.store(meta + 3, n1 + born_hi, mask=real)
+    tr_end = n2 + tr_hi
+    tl.store(meta + 4, tl.minimum(tr_lo, tr_end), mask=real)
+    tl.store(meta + 5, tr_end, mask=real)
+
+
+def superblock_size(window: int, block_m: int, queries=None) -> int:
+    """Query blocks per super-block: about ``queries`` (default ``window``) queries, a power of two
+    from 1 to 32. Each super-block's list (and compact copy) holds at most ``window`` keys alive at
+    its start plus the keys born inside it, so fewer, longer super-blocks copy fewer rows in all
+    (K / (G * block_m) lists of about window + G * block_m * (births per position)), while the
+    keys born and dying inside one super-block (run 3, always tested) grow with its length."""
+    g = max(1, (queries or window) // block_m)
+    return min(32, triton.next_power_of_2(g))
+
+
+def superblock_lists(death: torch.Tensor, Q: int, window: int, block_m: int, g: int):
+    """The super-block lists of ``prefix_super_lists_kernel`` for query blocks of ``block_m`` and
+    super-blocks of ``g`` blocks: int32 L (rows, NSB, LW) (entries past the count unset), NL (rows,
+    NSB) the counts, Meta (rows, NBLK, 6) each block's ranges in its super-block's list (head start,
+    FULL start, FULL end, tail end, run-3 start, run-3 end); LW = min(K, window + g * block_m)."""
+    rows, K = death.shape
+    dev = death.device
+    nblk = triton.cdiv(Q, block_m)
+    nsb = triton.cdiv(nblk, g)
+    lw = min(K, min(window, K) + g * block_m)
+    j = torch.arange(K, device=dev, dtype=torch.int32)
+    alive = death > j
+    n_alive = alive.sum(-1, dtype=torch.int32)
+    # Ever-alive keys by death ascending (dead keys after them, never read).
+    dsorted, by_death = torch.where(alive, death, K + 1).sort(dim=-1, stable=True)
+    by_death = by_death.to(torch.int32).contiguous()
+    dsorted = dsorted.to(torch.int32).contiguous()
+    lists = torch.empty(rows, nsb, lw, dtype=torch.int32, device=dev)
+    nl = torch.empty(rows, nsb, dtype=torch.int32, device=dev)
+    meta = torch.empty(rows, nblk, 6, dtype=torch.int32, device=dev)
+    tile = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 256
+    prefix_super_lists_kernel[(nsb, rows)](death, by_death, dsorted, n_alive, lists, nl, meta, Q, K, nblk, nsb, lw,
+                                           BLOCK_M=block_m, G=g, TILE=tile, STEPS=K.bit_length() + 1,
+                                           num_warps=4)
+    return lists, nl, meta
 
 
 # Every kernel above launches through the short path of launch.py.
