@@ -5,7 +5,9 @@ Two key-visiting paths. LIST: a window over a bias and mask shared by every quer
 scope (or a selection that equals it: no causality, or a single query); the CUDA radix select
 (``kernels/cuda/select.h``, through ``cuda_ext.list_selection``) builds the sorted key lists, the mask
 folded into them, and the kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
-every key); bias and mask are tested per element. The visible scope with causality and Q > 1, and a
+every key); bias and mask are tested per element. Calls with few queries (decode, Q <= 16) on
+either path run the split forward (``kernels/cuda/fwd_split.h``: each list spread over many thread
+blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. The visible scope with causality and Q > 1, and a
 window over a per-query bias or mask, have no CUDA path: the Triton backend computes them. Nothing
 here needs Triton.
 
