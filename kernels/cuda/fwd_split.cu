@@ -132,12 +132,15 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
 // merge), still sharing K/V loads over the group. D128k on an H200 (132 SMs, 8 kv heads, 2048
 // entries): 50 wanted, chunks of 64 entries (two steps), 32 splits, 256 blocks.
 //
-// Q <= kFwdSplitMaxQ: the split kernel computes on the CUDA cores and re-reads a chunk's K/V rows
-// for every tile of 4 query rows, while fwd_kernel.cuh reads them once per 128 rows with mma.sync
-// but runs only B * H * cdiv(Q, 128) blocks. With Q = 16 and group 4, 16 row tiles read each chunk
-// (from L2 when they run together); 16 is a guess of where that stops paying, to be measured.
+// Q <= kFwdSplitMaxQ and Q x group <= kFwdSplitMaxRows: the split kernel computes on the CUDA
+// cores and re-reads a chunk's K/V rows for every tile of 4 query rows (from L2 when the tiles run
+// together), while fwd_kernel.cuh reads them once per 128 rows with mma.sync but runs only
+// B * H * cdiv(Q, 128) blocks, each walking the whole list. At 64 rows per kv head (Q = 16 at
+// group 4) a chunk is read 16 times; both bounds are guesses of where that stops paying, to be
+// measured (benchmarks/cuda_decode.py --q-sweep). The Triton backend's split uses the same 64.
 int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys, int sms) {
   if (Q < 1 || Q > kFwdSplitMaxQ || B < 1 || H_kv < 1 || H % H_kv != 0) return 0;
+  if (Q * (H / H_kv) > kFwdSplitMaxRows) return 0;
   const FwdSplitTile tile = fwd_split_tile(head_dim);
   const int64_t blocks = B * H_kv * cdiv(H / H_kv * Q, tile.rows);
   const int64_t steps = cdiv(n_keys > 0 ? n_keys : 1, tile.step);
@@ -170,7 +173,7 @@ int fwd_split(const FwdParams& p, cudaStream_t stream) {
   // and of the heads per selection row.
   const int group = p.H / p.H_kv;
   s.heads = int(p.idx != nullptr ? gcd(group, p.H / p.sel_heads) : group);
-  s.row_tiles = int(cdiv(int64_t(s.heads) * p.Q, tile.rows));
+  s.row_tiles = int(cdiv(int64_t(s.heads) * p.Q, tile.rows));  // heads * Q <= 65535 * 16: no overflow
   s.rows = int64_t(p.B) * p.H * p.Q;
   if (s.splits > 1 && s.rows > int64_t(0x7fffffff)) throw std::invalid_argument("B * H * Q must be below 2^31");
   if (int64_t(s.row_tiles) * s.splits > int64_t(0x7fffffff))

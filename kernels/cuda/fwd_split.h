@@ -17,14 +17,16 @@
 namespace dmattn {
 namespace cuda {
 
-// Most queries a call may have to take the split forward (see fwd_split_count).
+// Most queries a call may have to take the split forward (a forced split count included), and most
+// query rows per kv head (Q x group) for fwd_split_count to pick it (see there).
 constexpr int kFwdSplitMaxQ = 16;
+constexpr int kFwdSplitMaxRows = 64;
 // Most splits per list: the merge keeps one weight per split in shared memory.
 constexpr int kFwdSplitMaxSplits = 256;
 
 // How many splits fwd() should use for a call of these sizes on a device with `sms`
 // multiprocessors, n_keys the list length (LIST) or K (DENSE); 0 when the call should not take the
-// split forward (Q > kFwdSplitMaxQ). The one place this is decided.
+// split forward (Q > kFwdSplitMaxQ or Q x group > kFwdSplitMaxRows). The one place this is decided.
 int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys, int sms);
 
 // fwd_split_count for CUDA device `device` (its multiprocessor count is read once per device).

@@ -4,7 +4,7 @@
 //
 // Thread block (split s, head group, batch b), fwd_split_tile(D): `rows` query rows (head, query)
 // of heads that share one kv head and one key list, over list entries [s * chunk, (s + 1) * chunk)
-// clipped to the count of entries any of the call's queries may see. Lanes are grouped by
+// (DENSE: keys); padding entries and keys a row may not see causally are skipped per element. Lanes are grouped by
 // `lanes` per key row, 8 elements each (one 16-byte copy), so a warp holds 32 / lanes keys at once;
 // each warp takes its own keys of every step (`unroll` per lane group) and keeps its own online
 // softmax (row max shared by the warp, sum and output per lane group). K/V rows go to shared memory
@@ -153,14 +153,16 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     mask_per_row = mask_per_row || (has_mask && mask_row(r) != mask_row0);
   }
 
-  // The stretch of the list (or of the keys) this split walks.
+  // The stretch of the list (or of the keys) this split walks. The per-block counts are not read:
+  // with Q <= kFwdSplitMaxQ every query is in the first query block, which holds the last query,
+  // which sees every listed key, so the count would only cut the padding (key K), which is skipped
+  // per key anyway; not waiting for it saves a dependent load before the list entries.
   const int32_t* list = nullptr;
   int64_t limit = p.K;
   if (p.idx != nullptr) {
     const int64_t sel = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h0) * p.sel_heads / p.H;
     list = p.idx + sel * p.list_len;
-    // The last query block sees the most entries: per-element causality handles the others.
-    limit = max(int64_t(0), min(int64_t(__ldg(p.counts + sel * p.n_query_blocks + p.n_query_blocks - 1)), p.list_len));
+    limit = p.list_len;
   }
   const int64_t begin = min(int64_t(split) * s.chunk, limit);
   const int64_t end = min(begin + s.chunk, limit);

@@ -637,7 +637,8 @@ NB_MODULE(_cuda, m) {
   m.def("fwd_split_count", &fwd_split_count, nb::arg("B"), nb::arg("Q"), nb::arg("H"), nb::arg("H_kv"),
         nb::arg("head_dim"), nb::arg("n_keys"), nb::arg("device"),
         "Splits the split (decode) forward should use for these sizes on a CUDA device (n_keys: the LIST length,\n"
-        "or K without a list); 0 when the call should take the one-block-per-query-block forward (Q > 16).");
+        "or K without a list); 0 when the call should take the one-block-per-query-block forward (Q > 16, or more\n"
+        "than 64 query rows Q x H / H_kv per kv head).");
   m.def("bwd", &bwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
         nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("idx").none(), nb::arg("counts").none(),
         nb::arg("delta").noconvert(), nb::arg("dq").noconvert().none(), nb::arg("dk").noconvert().none(),

@@ -78,7 +78,7 @@ struct FwdSplitTile {
 //   at every D (12 KiB at D = 96), into one of two shared-memory stages while the other is used.
 // - rows 4: the query heads of one kv head at GQA group 4 and Q = 1 (the D128k workload) in one
 //   block.
-// - blocks_per_sm 3: ptxas (sm_80, sm_90a, every D) gives 163-168 registers with no spills at the
+// - blocks_per_sm 3: ptxas (sm_80, sm_90a, every D) gives 160-168 registers with no spills at the
 //   168 that __launch_bounds__(128, 3) allows (at 128 registers for 4 blocks it spills ~300
 //   bytes), and a block has 33 KiB of shared memory. Larger groups
 //   and Q > 1 take several thread blocks per chunk, which read the same K/V rows (from L2 when they
