@@ -88,8 +88,12 @@ def _run(case: Case, dtype, *, splits=None, inputs=None, bias_dtype=None, seed: 
 @pytest.mark.parametrize("HH", [(8, 8), (8, 2), (16, 2), (8, 1), (12, 1)], ids=lambda h: f"H{h[0]}-Hkv{h[1]}")
 @pytest.mark.parametrize("Q", [1, 2, 3, 5, 16])
 def test_queries_and_groups(Q, HH):
+    """Past 64 query rows per kv head the split forward is not picked (fwd_split_count), but it
+    still computes them when told (here 5 splits)."""
     H, H_kv = HH
-    _run(Case(B=2, Q=Q, K=1000, H=H, H_kv=H_kv, D=128, window=100, scope="global"), torch.bfloat16)
+    splits = None if Q * H // H_kv <= 64 else 5
+    _run(Case(B=2, Q=Q, K=1000, H=H, H_kv=H_kv, D=128, window=100, scope="global"), torch.bfloat16,
+         splits=splits)
 
 
 @pytest.mark.parametrize("window", [64, 1000, 4097, 5000, None], ids=lambda w: f"w{w}")
@@ -206,6 +210,10 @@ def test_split_count_decides():
     n = cuda_ext.split_count(q, k, idx)
     assert n > 1, n  # 8 thread blocks per split cannot fill a GPU
     assert cuda_ext.split_count(q.expand(1, 17, 32, 128), k, idx) == 0  # Q > 16: the other kernel
+    assert cuda_ext.split_count(q.expand(1, 16, 32, 128), k, idx) > 0  # 64 rows per kv head
+    mqa = k[:, :, :1]
+    assert cuda_ext.split_count(q.expand(1, 2, 32, 128), mqa, idx) > 0  # MQA, Q = 2: 64 rows
+    assert cuda_ext.split_count(q.expand(1, 3, 32, 128), mqa, idx) == 0  # 96 rows per kv head
     with mock.patch.object(cuda_ext, "SPLIT_DECODE", False):
         assert cuda_ext.split_count(q, k, idx) == 0
 
