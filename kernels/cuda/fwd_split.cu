@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
     float o = 0.f;
     for (int gi = 0; gi < groups; ++gi) o += s_out[gi * D + d];
     o *= inv;
-    out[d] = p.dtype == DType::f16 ? __half_as_ushort(__float2half_rn(o)) : __bfloat16_as_ushort(__float2bfloat16_rn(o));
+    out[d] = p.dtype == DType::f16 ? __half_as_ushort(__float2half_rn(o))
+                                   : __bfloat16_as_ushort(__float2bfloat16_rn(o));
   }
   if (tid == 0) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = any ? mx + logf(total) : -INFINITY;
 }

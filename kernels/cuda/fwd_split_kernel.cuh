@@ -93,7 +93,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 template <DType kDType, class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm) dma_fwd_split_kernel(const FwdParams p, const FwdSplitLaunch s) {
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
+    dma_fwd_split_kernel(const FwdParams p, const FwdSplitLaunch s) {
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kRows = Traits::kRows;
   constexpr int kWarps = Traits::kWarps;
@@ -219,7 +220,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
       cp_async16(&s_kv[stage][1][u][tid], valid ? v_ptr + keys[u] * p.v_stride[1] : v_ptr, valid);
       key_bias[u] = 0.f;
       bool ok = keys[u] >= 0;
-      if (ok && has_bias && !bias_per_row) key_bias[u] = load_float(p.bias, p.bias_dtype, bias_row0 + keys[u] * p.bias_stride[3]);
+      if (ok && has_bias && !bias_per_row) {
+        key_bias[u] = load_float(p.bias, p.bias_dtype, bias_row0 + keys[u] * p.bias_stride[3]);
+      }
       if (ok && has_mask && !mask_per_row) ok = __ldg(p.mask + mask_row0 + keys[u] * p.mask_stride[3]) != 0;
       key_ok |= unsigned(ok) << u;
     }

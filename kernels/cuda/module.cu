@@ -355,8 +355,8 @@ int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optio
   fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::fwd_block_m);
   if (splits != 0) {
     if (splits < 0 || splits > dmattn::cuda::kFwdSplitMaxSplits)
-      throw std::invalid_argument("splits must be 0 (no split) or 1.." + std::to_string(dmattn::cuda::kFwdSplitMaxSplits) +
-                                  ", got " + std::to_string(splits));
+      throw std::invalid_argument("splits must be 0 (no split) or 1.." +
+                                  std::to_string(dmattn::cuda::kFwdSplitMaxSplits) + ", got " + std::to_string(splits));
     if (p.Q > dmattn::cuda::kFwdSplitMaxQ)
       throw std::invalid_argument("the split forward (splits > 0) takes Q <= " +
                                   std::to_string(dmattn::cuda::kFwdSplitMaxQ) + ", got Q=" + std::to_string(p.Q));
@@ -364,7 +364,8 @@ int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optio
     const int64_t need = dmattn::cuda::fwd_split_workspace(p.B, p.Q, p.H, p.D, splits);
     if (workspace->dtype() != nb::dtype<float>() || workspace->ndim() != 1 || !is_contiguous(*workspace))
       throw nb::type_error("workspace must be a contiguous 1-D float32 tensor");
-    if (workspace->device_id() != q.device_id()) throw std::invalid_argument("workspace must be on query's CUDA device");
+    if (workspace->device_id() != q.device_id())
+      throw std::invalid_argument("workspace must be on query's CUDA device");
     if (int64_t(workspace->shape(0)) < need || reinterpret_cast<uintptr_t>(workspace->data()) % 16 != 0)
       throw std::invalid_argument("workspace must hold at least " + std::to_string(need) +
                                   " float32 (splits * B * H * Q * (D + 2)) from a 16-byte aligned address, got " +

@@ -111,8 +111,8 @@ def _split_count(B: int, Q: int, H: int, H_kv: int, D: int, n_keys: int, device:
 def split_count(q: torch.Tensor, k: torch.Tensor, idx: Optional[torch.Tensor] = None) -> int:
     """The splits ``forward`` runs the split (decode) kernel with for these inputs (the list length of
     ``idx``, else K keys): 0 when it runs the one-block-per-query-block kernel instead (more than 16
-    queries or 64 query rows per kv head, ``SPLIT_DECODE`` off, or a module without it). The module decides (``fwd_split_count``,
-    from the device's SM count and the list length); cached per shape."""
+    queries or 64 query rows per kv head, ``SPLIT_DECODE`` off, or a module without it). The module
+    decides (``fwd_split_count``, from the device's SM count and the list length); cached per shape."""
     if not (SPLIT_DECODE and has_split()) or q.dim() != 4 or k.dim() != 4:
         return 0
     B, Q, H, D = q.shape
