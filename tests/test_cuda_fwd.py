@@ -62,8 +62,10 @@ def _run(case: Case, dtype, *, path: str = "dense", scale=None, bias_dtype=None,
         kernel_mask = None
     out = torch.full((case.B, case.Q, case.H, case.D), math.nan, dtype=dtype, device="cuda")
     lse = torch.full((case.B, case.H, case.Q), math.nan, dtype=torch.float32, device="cuda")
+    # splits=0: the one-block-per-query-block kernels even at Q <= 16 (tests/test_cuda_decode.py
+    # tests the split forward those calls take by default).
     got_out, got_lse = cuda_ext.forward(q, k, v, bias, kernel_mask, scale=scale, softcap=case.softcap,
-                                        is_causal=case.causal, idx=idx, counts=counts, out=out, lse=lse)
+                                        is_causal=case.causal, idx=idx, counts=counts, out=out, lse=lse, splits=0)
     torch.cuda.synchronize()  # a launch or memory fault surfaces here, inside this test
     assert got_out is out and got_lse is lse
 

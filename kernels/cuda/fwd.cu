@@ -5,6 +5,7 @@
 
 #include "check.h"
 #include "fwd.h"
+#include "fwd_split.h"
 #include "switch.h"
 #include "tiles.h"
 
@@ -64,7 +65,8 @@ bool fwd_uses_sm90(int head_dim, bool per_query) {
   return device_capability(device) == 90;
 }
 
-void fwd(const FwdParams& params, cudaStream_t stream) {
+int fwd(const FwdParams& params, cudaStream_t stream) {
+  if (params.splits > 0) return fwd_split(params, stream);
   const bool per_query = fwd_per_query(params);
   if (fwd_uses_sm90(params.D, per_query)) {
     fwd_sm90_head_dim_switch(params.D, [&](auto hd) {
@@ -72,11 +74,12 @@ void fwd(const FwdParams& params, cudaStream_t stream) {
         launch_fwd_sm90<decltype(dt)::value, decltype(hd)::value>(params, stream);
       });
     });
-    return;
+    return 0;
   }
   fwd_switch(params.dtype, params.D, per_query, [&](auto dt, auto hd, auto pq) {
     launch_fwd<decltype(dt)::value, decltype(hd)::value, decltype(pq)::value>(params, stream);
   });
+  return 0;
 }
 
 int fwd_block_m(int head_dim) {

@@ -8,9 +8,11 @@
 namespace dmattn {
 namespace cuda {
 
-// Launches the forward on `stream`; throws std::invalid_argument for an unsupported dtype or head
-// dim and std::runtime_error for a failed CUDA call. No allocation, no synchronisation.
-void fwd(const FwdParams& params, cudaStream_t stream);
+// Launches the forward on `stream`: the split forward (fwd_split.h) when params.splits > 0, else the
+// one-block-per-query-block kernels. Returns the splits run (0: not the split forward). Throws
+// std::invalid_argument for an unsupported dtype or head dim and std::runtime_error for a failed
+// CUDA call. No allocation, no synchronisation.
+int fwd(const FwdParams& params, cudaStream_t stream);
 
 // Query rows per thread block for head dim D: the block size of the LIST path's per-block counts.
 int fwd_block_m(int head_dim);

@@ -35,6 +35,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "check.h"
+#include "elements.cuh"
 #include "fwd.h"
 #include "tiles.h"
 
@@ -110,16 +111,8 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kSmemQKVBytes + kBlockN * 8;
 };
 
-// One bias element as float32, whatever its dtype (the dtype is uniform across the block, so the
-// switch does not diverge).
-__device__ __forceinline__ float load_float(const void* base, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::f16: return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(base) + i)));
-    case DType::bf16: return __uint_as_float(uint32_t(__ldg(static_cast<const unsigned short*>(base) + i)) << 16);
-    case DType::f32: return __ldg(static_cast<const float*>(base) + i);
-    default: return float(__ldg(static_cast<const double*>(base) + i));
-  }
-}
+// The bias loads of every kernel (elements.cuh), under the name the backward imports from here.
+using ::dmattn::cuda::load_float;
 
 // The 4 threads of a quad hold one accumulator row between them.
 __device__ __forceinline__ float quad_max(float x) {

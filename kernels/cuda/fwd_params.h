@@ -43,6 +43,13 @@ struct FwdParams {
   bool sel_batched = false;
   int n_query_blocks = 0;
 
+  // The split (decode) forward (fwd_split.h): splits > 0 spreads each key list (or the K keys,
+  // DENSE) over up to that many thread blocks, whose float32 partials go to split_workspace (at
+  // least splits * B * H * Q * (D + 2) floats, uninitialised is fine) and are merged by a second
+  // kernel. 0: the kernels of fwd_kernel.cuh / fwd_sm90_kernel.cuh.
+  int splits = 0;
+  float* split_workspace = nullptr;
+
   int B = 1, Q = 1, K = 1, H = 1, H_kv = 1, D = 0;
   float scale = 1.f;
   float softcap = 0.f;  // 0: no softcap

@@ -26,6 +26,7 @@
 #include "select.h"
 #include "bwd.h"
 #include "fwd.h"
+#include "fwd_split.h"
 #include "switch.h"
 
 namespace nb = nanobind;
@@ -170,6 +171,16 @@ std::string shape_str(const AnyCuda& t) {
   std::string s = "(";
   for (size_t d = 0; d < t.ndim(); ++d) s += (d ? ", " : "") + std::to_string(t.shape(d));
   return s + ")";
+}
+
+// Whether a tensor is laid out contiguously (size-1 dims may have any stride).
+bool is_contiguous(const AnyCuda& t) {
+  int64_t expected = 1;
+  for (int d = int(t.ndim()) - 1; d >= 0; --d) {
+    if (t.shape(d) > 1 && t.stride(d) != expected) return false;
+    expected *= int64_t(t.shape(d));
+  }
+  return true;
 }
 
 DType qkv_dtype(const nb::dlpack::dtype& t) {
@@ -336,14 +347,39 @@ void check_device(int device, const char* what) {
                                 " needs compute capability >= 8.0 (mma.sync bf16, cp.async)");
 }
 
-void fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
-         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
-         bool causal, uintptr_t stream) {
+// Returns the splits the split forward ran with (0: the one-block-per-query-block kernels).
+int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
+        AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
+        bool causal, uintptr_t stream, int splits, std::optional<AnyCuda> workspace) {
   FwdParams p;
   fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::fwd_block_m);
-  if (p.B == 0 || p.Q == 0 || p.H == 0) return;
+  if (splits != 0) {
+    if (splits < 0 || splits > dmattn::cuda::kFwdSplitMaxSplits)
+      throw std::invalid_argument("splits must be 0 (no split) or 1.." +
+                                  std::to_string(dmattn::cuda::kFwdSplitMaxSplits) + ", got " + std::to_string(splits));
+    if (p.Q > dmattn::cuda::kFwdSplitMaxQ)
+      throw std::invalid_argument("the split forward (splits > 0) takes Q <= " +
+                                  std::to_string(dmattn::cuda::kFwdSplitMaxQ) + ", got Q=" + std::to_string(p.Q));
+    if (!workspace) throw std::invalid_argument("splits > 0 needs a float32 workspace");
+    const int64_t need = dmattn::cuda::fwd_split_workspace(p.B, p.Q, p.H, p.D, splits);
+    if (workspace->dtype() != nb::dtype<float>() || workspace->ndim() != 1 || !is_contiguous(*workspace))
+      throw nb::type_error("workspace must be a contiguous 1-D float32 tensor");
+    if (workspace->device_id() != q.device_id())
+      throw std::invalid_argument("workspace must be on query's CUDA device");
+    if (int64_t(workspace->shape(0)) < need || reinterpret_cast<uintptr_t>(workspace->data()) % 16 != 0)
+      throw std::invalid_argument("workspace must hold at least " + std::to_string(need) +
+                                  " float32 (splits * B * H * Q * (D + 2)) from a 16-byte aligned address, got " +
+                                  std::to_string(workspace->shape(0)));
+    p.splits = splits;
+    p.split_workspace = static_cast<float*>(workspace->data());
+  }
+  if (p.B == 0 || p.Q == 0 || p.H == 0) return 0;
   check_device(q.device_id(), "forward");
-  dmattn::cuda::fwd(p, reinterpret_cast<cudaStream_t>(stream));
+  return dmattn::cuda::fwd(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
+int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys, int device) {
+  return dmattn::cuda::fwd_split_count_on(device, B, Q, H, H_kv, head_dim, n_keys);
 }
 
 // ---------------------------------------------------------------- attention backward
@@ -436,16 +472,6 @@ void expect_current_device(int device, const char* name) {
   if (current != device)
     throw std::invalid_argument(std::string(name) + " is on CUDA device " + std::to_string(device) +
                                 " but the current device is " + std::to_string(current));
-}
-
-// Whether a tensor is laid out contiguously (size-1 dims may have any stride).
-bool is_contiguous(const AnyCuda& t) {
-  int64_t expected = 1;
-  for (int d = int(t.ndim()) - 1; d >= 0; --d) {
-    if (t.shape(d) > 1 && t.stride(d) != expected) return false;
-    expected *= int64_t(t.shape(d));
-  }
-  return true;
 }
 
 int bias_bits(const nb::dlpack::dtype& t) {
@@ -601,10 +627,19 @@ NB_MODULE(_cuda, m) {
   m.def("fwd", &fwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("idx").none(), nb::arg("counts").none(),
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
+        nb::arg("splits") = 0, nb::arg("workspace").noconvert().none() = nb::none(),
         "Attention forward into out (B, Q, H, D) and lse (B, H, Q) float32 (see dmattn.cuda_ext.forward).\n"
         "q (B, Q, H, D), k/v (B, K, H_kv, D): float16 or bfloat16, contiguous head dim, 16-byte rows.\n"
         "bias/mask: (B|1, H|H_kv|1, Q|1, K), any float dtype / bool. idx (B_s, H_s, W) and counts\n"
-        "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path. softcap 0: none. stream: an integer.");
+        "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path. softcap 0: none. splits > 0 (Q <= 16):\n"
+        "the split (decode) forward with up to that many splits per list, partials in workspace, float32 of at\n"
+        "least splits * B * H * Q * (D + 2) entries (see fwd_split_count). stream: an integer.\n"
+        "Returns the splits run (0: not the split forward).");
+  m.def("fwd_split_count", &fwd_split_count, nb::arg("B"), nb::arg("Q"), nb::arg("H"), nb::arg("H_kv"),
+        nb::arg("head_dim"), nb::arg("n_keys"), nb::arg("device"),
+        "Splits the split (decode) forward should use for these sizes on a CUDA device (n_keys: the LIST length,\n"
+        "or K without a list); 0 when the call should take the one-block-per-query-block forward (Q > 16, or more\n"
+        "than 64 query rows Q x H / H_kv per kv head).");
   m.def("bwd", &bwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
         nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("idx").none(), nb::arg("counts").none(),
         nb::arg("delta").noconvert(), nb::arg("dq").noconvert().none(), nb::arg("dk").noconvert().none(),

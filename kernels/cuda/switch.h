@@ -1,7 +1,8 @@
 // The one place that turns run-time properties into the compile-time variants that exist:
 // dtype x head dim x "bias or mask per query row". Every other feature (causality, bias dtype,
 // softcap, DENSE or LIST keys, per-head dk/dv partials) is a run-time flag inside the kernels, so
-// a head dim costs four forward instantiations and four of each backward kernel.
+// a head dim costs four forward instantiations and four of each backward kernel, plus two (one per
+// dtype) of the split (decode) forward, whose translation unit CMake generates the same way.
 //
 // Head dims are compiled per build: CMake (DMATTN_CUDA_HEADDIMS) generates per head dim one
 // translation unit that includes fwd_kernel.cuh and expands DMATTN_INSTANTIATE_FWD and one that
@@ -138,6 +139,14 @@ void bwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
                                                                             cudaStream_t);                    \
   template void dmattn::cuda::launch_fwd_sm90<dmattn::DType::bf16, HEAD_DIM>(const dmattn::cuda::FwdParams&, \
                                                                              cudaStream_t);
+
+// The split (decode) forward of one head dim (fwd_split_kernel.cuh): one variant per dtype; bias,
+// mask, causality, softcap and LIST or DENSE keys are run-time flags.
+#define DMATTN_INSTANTIATE_FWD_SPLIT(HEAD_DIM)                                                                    \
+  template void dmattn::cuda::launch_fwd_split<dmattn::DType::f16, HEAD_DIM>(                                  \
+      const dmattn::cuda::FwdParams&, const dmattn::cuda::FwdSplitLaunch&, cudaStream_t);                      \
+  template void dmattn::cuda::launch_fwd_split<dmattn::DType::bf16, HEAD_DIM>(                                 \
+      const dmattn::cuda::FwdParams&, const dmattn::cuda::FwdSplitLaunch&, cudaStream_t);
 
 #define DMATTN_INSTANTIATE_BWD_ONE(DTYPE, HEAD_DIM, PER_QUERY)                            \
   template void dmattn::cuda::launch_bwd_dq<dmattn::DType::DTYPE, HEAD_DIM, PER_QUERY>(   \

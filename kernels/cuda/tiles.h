@@ -60,6 +60,36 @@ constexpr FwdSm90Tile fwd_sm90_tile(int head_dim) {
   return head_dim <= 64 ? FwdSm90Tile{128, 128, 2, 4} : FwdSm90Tile{128, 128, 2, 2};
 }
 
+struct FwdSplitTile {
+  int rows;    // query rows (head, query) per thread block, held in registers by every lane
+  int warps;   // warps per thread block, each taking its own keys of the block's chunk
+  int lanes;   // lanes that share one key row, 8 elements (one 16-byte load) each
+  int unroll;  // keys per lane group per step, all loaded before any is used
+  int step;    // keys per thread block per step: warps * (32 / lanes) * unroll
+  int blocks_per_sm;  // __launch_bounds__ minimum, and what fwd_split_count fills the device with
+};
+
+// The split (decode) forward, fwd_split_kernel.cuh. Not timed yet (written without a GPU); the
+// reasons are traffic and registers:
+// - 8 elements per lane and lanes = D / 8 rounded up to a power of two (4 at D = 32, 16 at 96 and
+//   128, 32 at 256), so every key row is one 16-byte copy per lane and a warp holds 32 / lanes keys
+//   at once; a lane's share of Q and of the output accumulator is rows x 8 floats at every D.
+// - unroll 4: a step copies 4 K and 4 V rows per lane group, 16 KiB per thread block of 4 warps
+//   at every D (12 KiB at D = 96), into one of two shared-memory stages while the other is used.
+// - rows 4: the query heads of one kv head at GQA group 4 and Q = 1 (the D128k workload) in one
+//   block.
+// - blocks_per_sm 3: ptxas (sm_80, sm_90a, every D) gives 160-168 registers with no spills at the
+//   168 that __launch_bounds__(128, 3) allows (at 128 registers for 4 blocks it spills ~300
+//   bytes), and a block has 33 KiB of shared memory. Larger groups
+//   and Q > 1 take several thread blocks per chunk, which read the same K/V rows (from L2 when they
+//   run together: they are adjacent in the grid).
+constexpr int fwd_split_lanes(int head_dim) {
+  return head_dim <= 32 ? 4 : head_dim <= 64 ? 8 : head_dim <= 128 ? 16 : 32;
+}
+constexpr FwdSplitTile fwd_split_tile(int head_dim) {
+  return FwdSplitTile{4, 4, fwd_split_lanes(head_dim), 4, 4 * (32 / fwd_split_lanes(head_dim)) * 4, 3};
+}
+
 struct BwdTile {
   int dq_block_m;    // query rows per dq thread block
   int dq_block_n;    // keys per tile of the dq loop

@@ -2,8 +2,9 @@
 exact one-thread-per-row ``topk_indices`` on CUDA tensors (compiled from the selection header shared
 with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), the radix
 select of the LIST metadata (``select_lists``, ``list_selection``, ``list_counts``; same header), and
-the CuTe attention forward (``forward``) and backward (``backward``) that the ``cuda`` backend
-(``backends/cuda.py``) runs, also tested directly. Nothing here needs Triton."""
+the CuTe attention forward (``forward``, with its split decode path for few queries) and backward
+(``backward``) that the ``cuda`` backend (``backends/cuda.py``) runs, also tested directly. Nothing
+here needs Triton."""
 
 from __future__ import annotations
 
@@ -89,6 +90,34 @@ def uses_sm90(head_dim: int, per_query: bool = False) -> bool:
     """Whether ``forward`` runs the sm_90a kernel for this head dim on the current device (per_query:
     a bias or mask that differs between query rows, which stays on the sm_80 kernel)."""
     return has_sm90_switch() and bool(_cuda.fwd_uses_sm90(head_dim, per_query))
+
+
+# The split (decode) forward (kernels/cuda/fwd_split.h) runs for calls with few queries (Q <= 16,
+# at most 64 query rows per kv head) unless this is False: process-wide, so that one process can time it against the
+# one-block-per-query-block kernel (benchmarks/cuda_decode.py).
+SPLIT_DECODE = True
+
+
+def has_split() -> bool:
+    """Whether the module has the split (decode) forward (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "fwd_split_count")
+
+
+@functools.lru_cache(maxsize=256)
+def _split_count(B: int, Q: int, H: int, H_kv: int, D: int, n_keys: int, device: int) -> int:
+    return int(_cuda.fwd_split_count(B, Q, H, H_kv, D, n_keys, device))
+
+
+def split_count(q: torch.Tensor, k: torch.Tensor, idx: Optional[torch.Tensor] = None) -> int:
+    """The splits ``forward`` runs the split (decode) kernel with for these inputs (the list length of
+    ``idx``, else K keys): 0 when it runs the one-block-per-query-block kernel instead (more than 16
+    queries or 64 query rows per kv head, ``SPLIT_DECODE`` off, or a module without it). The module
+    decides (``fwd_split_count``, from the device's SM count and the list length); cached per shape."""
+    if not (SPLIT_DECODE and has_split()) or q.dim() != 4 or k.dim() != 4:
+        return 0
+    B, Q, H, D = q.shape
+    n_keys = idx.shape[-1] if idx is not None and idx.dim() == 3 else k.shape[1]
+    return _split_count(B, Q, H, k.shape[2], D, n_keys, q.device.index)
 
 
 def fwd_block_m(head_dim: int) -> int:
@@ -194,26 +223,36 @@ def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
             mask: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, softcap: Optional[float] = None,
             is_causal: bool = False, idx: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None,
-            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, splits: Optional[int] = None):
     """The CuTe forward: ``(out (B, Q, H, D) in q's dtype, lse (B, H, Q) float32)``.
 
     q (B, Q, H, D), k/v (B, K, H_kv, D) float16/bfloat16 on one GPU (sm_80+); bias and mask
     (B|1, H|H_kv|1, Q|1, K), bias of any float dtype. Keys: DENSE (every key up to the causal limit,
     bias/mask tested per element) unless ``idx``/``counts`` from ``list_selection`` give the LIST
-    path. ``out``/``lse`` may be passed in (contiguous) to be filled. Arguments are checked by the
-    binding (ValueError/TypeError naming them) before any launch.
+    path. ``out``/``lse`` may be passed in (contiguous) to be filled. ``splits``: None runs the
+    split (decode) forward with ``split_count`` splits where that is > 0; 0 forces the
+    one-block-per-query-block kernel, n > 0 the split forward with at most n splits (Q <= 16).
+    Arguments are checked by the binding (ValueError/TypeError naming them) before any launch.
     """
     B, Q, H, D = q.shape
     if out is None:
         out = new_output((B, Q, H, D), q.dtype, q.device)
     if lse is None:
         lse = new_output((B, H, Q), torch.float32, q.device)
+    if splits is None:
+        splits = split_count(q, k, idx)
     q, k, v, bias, mask, idx, counts = plain(q, k, v, bias, mask, idx, counts)
     q, k, v = _kernel_rows(q), _kernel_rows(k), _kernel_rows(v)
+    split_args = {}
+    if splits:
+        # The partials: (splits, B * H * Q) rows of D outputs, then the row maxima and sums. Every
+        # entry the merge reads is written first (new_output poisons it under the tests).
+        workspace = new_output((int(splits) * B * H * Q * (D + 2),), torch.float32, q.device)
+        split_args = dict(splits=int(splits), workspace=dlpack(workspace)[0])
     with on_device(q.device):
         _cuda.fwd(*dlpack(q, k, v, bias, mask, out, lse, idx, counts),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
-                  causal=bool(is_causal), stream=current_stream(q.device))
+                  causal=bool(is_causal), stream=current_stream(q.device), **split_args)
     return out, lse
 
 

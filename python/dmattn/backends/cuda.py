@@ -5,9 +5,11 @@ Two key-visiting paths. LIST: a window over a bias and mask shared by every quer
 scope (or a selection that equals it: no causality, or a single query); the CUDA radix select
 (``kernels/cuda/select.h``, through ``cuda_ext.list_selection``) builds the sorted key lists, the mask
 folded into them, and the kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
-every key); bias and mask are tested per element. The visible scope with causality and Q > 1, and a
-window over a per-query bias or mask, have no CUDA path: the Triton backend computes them. Nothing
-here needs Triton.
+every key); bias and mask are tested per element. Calls with few queries (decode: Q <= 16, at most
+64 query rows per kv head) on either path run the split forward (``kernels/cuda/fwd_split.h``: each
+list spread over many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. The
+visible scope with causality and Q > 1, and a window over a per-query bias or mask, have no CUDA
+path: the Triton backend computes them. Nothing here needs Triton.
 
 Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.51 ms on H200), so
 ``backend="auto"`` picks it only when Triton declines; ``backend="cuda"`` runs it by name.

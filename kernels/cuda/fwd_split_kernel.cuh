@@ -1,0 +1,411 @@
+// The split (decode) forward kernel (fwd_split.h): plain CUDA, float32 math on the CUDA cores. At
+// a few query rows per kv head the products are tiny (Q = 1, GQA group 4, 2048 keys: 4 x 2048 x
+// 128 multiply-adds per kv head and product); what counts is having enough K/V rows in flight.
+//
+// Thread block (split s, head group, batch b), fwd_split_tile(D): `rows` query rows (head, query)
+// of heads that share one kv head and one key list, over list entries [s * chunk, (s + 1) * chunk)
+// (DENSE: keys); padding entries and keys a row may not see causally are skipped per element. Lanes are grouped by
+// `lanes` per key row, 8 elements each (one 16-byte copy), so a warp holds 32 / lanes keys at once;
+// each warp takes its own keys of every step (`unroll` per lane group) and keeps its own online
+// softmax (row max shared by the warp, sum and output per lane group). K/V rows go to shared memory
+// by cp.async, two stages: a step's rows arrive while the previous step is computed, without
+// holding registers. At the end the lane groups, then the warps, are merged in a fixed order through shared
+// memory, and the block writes its partial (or, when it is the only split, out and lse).
+//
+// Row max and sums are in natural units as in fwd_kernel.cuh (lse = max + log(sum)); a row that saw
+// no key keeps max = -inf and sum 0, shifts by 0 (no NaN) and ends as out 0, lse -inf.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "check.h"
+#include "elements.cuh"
+#include "fwd_split.h"
+#include "tiles.h"
+
+namespace dmattn {
+namespace cuda {
+namespace split_impl {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kHeadDim_>
+struct SplitTraits {
+  static constexpr FwdSplitTile kTile = fwd_split_tile(kHeadDim_);
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRows = kTile.rows;
+  static constexpr int kWarps = kTile.warps;
+  static constexpr int kLanes = kTile.lanes;
+  static constexpr int kUnroll = kTile.unroll;
+  static constexpr int kStep = kTile.step;
+  static constexpr int kSlots = 32 / kLanes;  // keys a warp holds at once
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kVec = 8;  // elements per lane per key row
+  static_assert(kStep == kWarps * kSlots * kUnroll, "tiles.h: step = warps * (32 / lanes) * unroll");
+  static_assert(kLanes * kVec >= kHeadDim && kLanes * kVec < 2 * kHeadDim, "lanes cover the head dim once");
+  static_assert(kHeadDim % kVec == 0, "head dims are multiples of 8");
+};
+
+// 8 consecutive elements (one 16-byte load) as floats.
+template <DType kDType>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kDType == DType::f16) {
+      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    } else {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+}
+
+// One output element, rounded to nearest even.
+template <DType kDType>
+__device__ __forceinline__ unsigned short pack1(float x) {
+  if constexpr (kDType == DType::f16) {
+    return __half_as_ushort(__float2half_rn(x));
+  } else {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+}
+
+// 16 bytes global -> shared without passing through registers (zero-filled when !valid, reading
+// nothing), so a lane's K/V rows in flight cost no registers. Each lane reads back only what it
+// copied itself, so waiting for its own groups is all the synchronisation the stages need; the
+// "memory" clobbers keep the compiler from moving shared-memory reads across the copies and waits
+// (there is no __syncthreads to do it).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+template <DType kDType, class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
+    dma_fwd_split_kernel(const FwdParams p, const FwdSplitLaunch s) {
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kRows = Traits::kRows;
+  constexpr int kWarps = Traits::kWarps;
+  constexpr int kLanes = Traits::kLanes;
+  constexpr int kUnroll = Traits::kUnroll;
+  constexpr int kSlots = Traits::kSlots;
+  constexpr int kStep = Traits::kStep;
+  constexpr int kThreads = Traits::kThreads;
+
+  // Two stages of every lane's K and V chunks (16 KiB each); after the loop the same memory holds
+  // the warps' partial outputs for the merge.
+  __shared__ uint4 s_kv[2][2][kUnroll][kThreads];
+  __shared__ float s_max[kWarps][kRows];
+  __shared__ float s_sum[kWarps][kRows];
+  static_assert(sizeof(float) * kWarps * kRows * kHeadDim <= sizeof(s_kv), "merge buffer fits in the stages");
+  float(&s_out)[kWarps][kRows][kHeadDim] = *reinterpret_cast<float(*)[kWarps][kRows][kHeadDim]>(&s_kv[0][0][0][0]);
+
+  const int tid = int(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int slot = lane / kLanes;                 // which of the warp's keys this lane works on
+  const int d0 = (lane % kLanes) * Traits::kVec;  // its first element of the row
+  const bool has_dims = d0 < kHeadDim;            // D = 96: 4 of every 16 lanes hold no elements
+
+  const int tile = int(blockIdx.x) % s.row_tiles;
+  const int split = int(blockIdx.x) / s.row_tiles;
+  const int h0 = int(blockIdx.y) * s.heads;
+  const int b = int(blockIdx.z);
+  const int g = h0 / (p.H / p.H_kv);
+  const int r0 = tile * kRows;
+  const int n_rows = min(kRows, s.heads * p.Q - r0);
+  const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
+
+  // Row r of the block: head h0 + (r0 + r) / Q, query (r0 + r) % Q. Rows past n_rows repeat the
+  // last one (valid addresses) and are masked out.
+  auto row_head = [&](int r) { return h0 + (r0 + min(r, n_rows - 1)) / p.Q; };
+  auto row_query = [&](int r) { return (r0 + min(r, n_rows - 1)) % p.Q; };
+  // Bias and mask offsets of a row. When every row of the block reads the same one (a
+  // query-broadcast bias of one head for all of them), one load per key serves all rows, issued a
+  // step ahead like the K/V rows; otherwise each row loads its own when its scores are formed.
+  auto bias_row = [&](int r) {
+    return b * p.bias_stride[0] + int64_t(row_head(r)) * p.bias_heads / p.H * p.bias_stride[1] +
+           int64_t(row_query(r)) * p.bias_stride[2];
+  };
+  auto mask_row = [&](int r) {
+    return b * p.mask_stride[0] + int64_t(row_head(r)) * p.mask_heads / p.H * p.mask_stride[1] +
+           int64_t(row_query(r)) * p.mask_stride[2];
+  };
+  const bool has_bias = p.bias != nullptr;
+  const bool has_mask = p.mask != nullptr;
+  const int64_t bias_row0 = has_bias ? bias_row(0) : 0;
+  const int64_t mask_row0 = has_mask ? mask_row(0) : 0;
+  bool bias_per_row = false, mask_per_row = false;
+#pragma unroll
+  for (int r = 1; r < kRows; ++r) {
+    bias_per_row = bias_per_row || (has_bias && bias_row(r) != bias_row0);
+    mask_per_row = mask_per_row || (has_mask && mask_row(r) != mask_row0);
+  }
+
+  // The stretch of the list (or of the keys) this split walks. The per-block counts are not read:
+  // with Q <= kFwdSplitMaxQ every query is in the first query block, which holds the last query,
+  // which sees every listed key, so the count would only cut the padding (key K), which is skipped
+  // per key anyway; not waiting for it saves a dependent load before the list entries.
+  const int32_t* list = nullptr;
+  int64_t limit = p.K;
+  if (p.idx != nullptr) {
+    const int64_t sel = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h0) * p.sel_heads / p.H;
+    list = p.idx + sel * p.list_len;
+    limit = p.list_len;
+  }
+  const int64_t begin = min(int64_t(split) * s.chunk, limit);
+  const int64_t end = min(begin + s.chunk, limit);
+
+  const unsigned short* k_ptr =
+      static_cast<const unsigned short*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2] + (has_dims ? d0 : 0);
+  const unsigned short* v_ptr =
+      static_cast<const unsigned short*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2] + (has_dims ? d0 : 0);
+
+  float q[kRows][8];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (r < n_rows && has_dims) {
+      raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(p.q) + b * p.q_stride[0] +
+                                                 int64_t(row_query(r)) * p.q_stride[1] +
+                                                 int64_t(row_head(r)) * p.q_stride[2] + d0));
+    }
+    unpack8<kDType>(raw, q[r]);
+  }
+
+  float row_max[kRows], row_sum[kRows], acc[kRows][8];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+  }
+
+  // This lane's key of unroll step u of the step at list position `base`, or -1 (past the
+  // stretch, or outside 0..K-1).
+  const int lane_first = warp * kSlots + slot;
+  auto load_keys = [&](int64_t base, int (&keys)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t pos = base + u * kWarps * kSlots + lane_first;
+      int key = -1;
+      if (pos < end) {
+        key = list != nullptr ? __ldg(list + pos) : int(pos);
+        if (key < 0 || key >= p.K) key = -1;
+      }
+      keys[u] = key;
+    }
+  };
+  // Issues a step: its K/V rows into `stage`, and (in registers) the bias value and mask bit each
+  // key has for every row of the block. A masked key keeps its rows (they are loaded anyway).
+  auto issue = [&](int stage, const int (&keys)[kUnroll], float (&key_bias)[kUnroll], unsigned& key_ok) {
+    key_ok = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool valid = keys[u] >= 0 && has_dims;
+      cp_async16(&s_kv[stage][0][u][tid], valid ? k_ptr + keys[u] * p.k_stride[1] : k_ptr, valid);
+      cp_async16(&s_kv[stage][1][u][tid], valid ? v_ptr + keys[u] * p.v_stride[1] : v_ptr, valid);
+      key_bias[u] = 0.f;
+      bool ok = keys[u] >= 0;
+      if (ok && has_bias && !bias_per_row) {
+        key_bias[u] = load_float(p.bias, p.bias_dtype, bias_row0 + keys[u] * p.bias_stride[3]);
+      }
+      if (ok && has_mask && !mask_per_row) ok = __ldg(p.mask + mask_row0 + keys[u] * p.mask_stride[3]) != 0;
+      key_ok |= unsigned(ok) << u;
+    }
+    cp_async_commit();
+  };
+
+  const float scale = p.scale;
+  const float softcap = p.softcap;
+  const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
+
+  // Pipeline: step t computes from one stage while step t + 1's rows arrive in the other, and
+  // step t + 2's list entries are read.
+  int keys[kUnroll], next_keys[kUnroll];
+  float key_bias[kUnroll];
+  unsigned key_ok = 0;
+  load_keys(begin, keys);
+  if (begin < end) issue(0, keys, key_bias, key_ok);
+  load_keys(begin + kStep, next_keys);
+  int stage = 0;
+
+  for (int64_t base = begin; base < end; base += kStep) {
+    const bool more = base + kStep < end;
+    float next_bias[kUnroll];
+    unsigned next_ok = 0;
+    if (more) issue(stage ^ 1, next_keys, next_bias, next_ok);
+    int later_keys[kUnroll];
+    load_keys(base + 2 * kStep, later_keys);
+    if (more) {
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+
+    // Scores: this lane's 8 products per (key, row), summed over the key's lane group.
+    float sc[kUnroll][kRows];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[8];
+      unpack8<kDType>(s_kv[stage][0][u][tid], kf);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(q[r][e], kf[e], dot);
+        sc[u][r] = dot;
+      }
+    }
+#pragma unroll
+    for (int o = kLanes / 2; o > 0; o /= 2) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) sc[u][r] += __shfl_xor_sync(0xffffffffu, sc[u][r], o);
+      }
+    }
+
+    // Scale (or softcap), bias, then -inf wherever the key is not visible to the row.
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = keys[u];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float x = softcap > 0.f ? softcap * tanhf(sc[u][r] * scale_over_cap) : sc[u][r] * scale;
+        bool visible = ((key_ok >> u) & 1u) && r < n_rows && (!p.causal || key <= row_query(r) + off);
+        if (visible && has_bias) {
+          x += bias_per_row ? load_float(p.bias, p.bias_dtype, bias_row(r) + key * p.bias_stride[3]) : key_bias[u];
+        }
+        if (visible && mask_per_row) visible = __ldg(p.mask + mask_row(r) + key * p.mask_stride[3]) != 0;
+        sc[u][r] = visible ? x : -INFINITY;
+      }
+    }
+
+    // Online softmax in base 2, the max shared by the warp's lane groups. A row whose max is still
+    // -inf shifts by 0.
+    float shift[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mx = fmaxf(mx, sc[u][r]);
+#pragma unroll
+      for (int o = kLanes; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f((row_max[r] - m_use) * kLog2e);
+      row_max[r] = mx;
+      row_sum[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] *= alpha;
+      shift[r] = m_use * kLog2e;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float vf[8];
+      unpack8<kDType>(s_kv[stage][1][u][tid], vf);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float e_ur = exp2f(fmaf(sc[u][r], kLog2e, -shift[r]));
+        row_sum[r] += e_ur;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(e_ur, vf[e], acc[r][e]);
+      }
+    }
+
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      keys[u] = next_keys[u];
+      next_keys[u] = later_keys[u];
+      key_bias[u] = next_bias[u];
+    }
+    key_ok = next_ok;
+    stage ^= 1;
+  }
+
+  // Lane groups of a warp -> the warp (same max, so plain sums), then warps -> the block in
+  // warp order.
+#pragma unroll
+  for (int o = kLanes; o < 32; o *= 2) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], o);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    }
+  }
+  __syncthreads();  // every warp is done with the stages, which now take the partial outputs
+  if (slot == 0 && has_dims) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_out[warp][r][d0 + e] = acc[r][e];
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      s_max[warp][r] = row_max[r];
+      s_sum[warp][r] = row_sum[r];
+    }
+  }
+  __syncthreads();
+
+  for (int x = tid; x < n_rows * kHeadDim; x += kThreads) {
+    const int r = x / kHeadDim;
+    const int d = x % kHeadDim;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][r]);
+    const float m_use = mx == -INFINITY ? 0.f : mx;
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = exp2f((s_max[w][r] - m_use) * kLog2e);
+      o = fmaf(s_out[w][r][d], wt, o);
+      sum = fmaf(s_sum[w][r], wt, sum);
+    }
+    const int h = row_head(r);
+    const int i = row_query(r);
+    if (s.splits == 1) {
+      const bool any = sum > 0.f;
+      unsigned short* out = static_cast<unsigned short*>(p.out) + b * p.out_stride[0] + int64_t(i) * p.out_stride[1] +
+                            int64_t(h) * p.out_stride[2];
+      out[d] = pack1<kDType>(any ? o * (1.f / sum) : 0.f);
+      if (d == 0) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = any ? mx + logf(sum) : -INFINITY;
+    } else {
+      const int64_t part = int64_t(split) * s.rows + (int64_t(b) * p.H + h) * p.Q + i;
+      s.part_o[part * kHeadDim + d] = o;
+      if (d == 0) {
+        s.part_m[part] = mx;
+        s.part_l[part] = sum;
+      }
+    }
+  }
+}
+
+}  // namespace split_impl
+
+template <DType kDType, int kHeadDim>
+void launch_fwd_split(const FwdParams& params, const FwdSplitLaunch& launch, cudaStream_t stream) {
+  using Traits = split_impl::SplitTraits<kHeadDim>;
+  const dim3 grid(unsigned(launch.row_tiles * launch.splits), unsigned(params.H / launch.heads), unsigned(params.B));
+  split_impl::dma_fwd_split_kernel<kDType, Traits><<<grid, Traits::kThreads, 0, stream>>>(params, launch);
+  check_cuda(cudaGetLastError(), "dma_fwd_split_kernel launch");
+}
+
+}  // namespace cuda
+}  // namespace dmattn

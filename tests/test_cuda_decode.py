@@ -1,0 +1,300 @@
+"""The split (decode) forward of the CUDA module (``kernels/cuda/fwd_split.h``, through
+``dmattn.cuda_ext.forward``) against the float64 reference: few queries (Q <= 16), LIST and DENSE
+keys, GQA/MQA, odd lengths, softcap, every bias and mask broadcast form, empty rows, both dtypes,
+every built head dim, forced split counts (one split writes out itself; uneven splits are merged),
+determinism, the backend taking it, and CUDA graph capture. GPU only: skipped without a CUDA device
+or without a module that has the split forward.
+
+Every call records the splits the module ran (``_cuda.fwd`` returns them), so a test cannot pass
+on the one-block-per-query-block kernel by accident. Outputs start as NaN (and so does the
+workspace, through ``DMATTN_POISON_OUTPUTS``), so an element nobody writes fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+import dmattn
+from cases import Case, assert_close_to_reference, make_inputs
+from dmattn import cuda_ext, reference
+from test_cuda_fwd import _OK, _WHY, _built_head_dims, _need_head_dim
+
+_SPLIT = _OK and cuda_ext.has_split()
+pytestmark = pytest.mark.skipif(not _SPLIT, reason=_WHY or "dmattn._cuda was built without the split forward")
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+class _Spy:
+    """``dmattn._cuda`` with ``fwd`` recording the splits each call ran (0: not the split forward)."""
+
+    def __init__(self, module):
+        self._module = module
+        self.runs: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def fwd(self, *args, **kwargs):
+        n = self._module.fwd(*args, **kwargs)
+        self.runs.append(int(n))
+        return n
+
+
+@contextlib.contextmanager
+def _spy():
+    spy = _Spy(cuda_ext._cuda)
+    with mock.patch.object(cuda_ext, "_cuda", spy):
+        yield spy
+
+
+def _run(case: Case, dtype, *, splits=None, inputs=None, bias_dtype=None, seed: int = 0):
+    """Runs the forward on the case's inputs (LIST when the case's window selects, else DENSE with
+    bias and mask per element) and checks out and lse against the reference. Returns
+    ``(out, lse, splits run)``; fails unless the split forward ran."""
+    _need_head_dim(case.D)
+    q, k, v, bias, mask = inputs if inputs is not None else make_inputs(case, dtype, "cuda", seed, bias_dtype)
+    idx = counts = None
+    kernel_mask = mask
+    if case.window is not None:
+        meta = cuda_ext.list_selection(bias, mask, window=case.window, Q=case.Q, head_dim=case.D,
+                                       is_causal=case.causal)
+        if meta is not None:
+            idx, counts = meta
+            kernel_mask = None
+    out = torch.full((case.B, case.Q, case.H, case.D), math.nan, dtype=dtype, device="cuda")
+    lse = torch.full((case.B, case.H, case.Q), math.nan, dtype=torch.float32, device="cuda")
+    with _spy() as spy:
+        cuda_ext.forward(q, k, v, bias, kernel_mask, softcap=case.softcap, is_causal=case.causal, idx=idx,
+                         counts=counts, out=out, lse=lse, splits=splits)
+    torch.cuda.synchronize()
+    assert len(spy.runs) == 1 and spy.runs[0] > 0, f"the split forward did not run ({spy.runs})"
+    if splits:
+        assert spy.runs[0] <= splits
+
+    opts = dict(window=case.window, topk_scope="global", is_causal=case.causal, softcap=case.softcap)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = reference.attention(f64(q), f64(k), f64(v), f64(bias), mask, **opts)
+    low = reference.attention(q, k, v, bias, mask, **opts)
+    assert_close_to_reference((out, lse), low, truth, dtype, label=f"[{case} {dtype} splits={splits}] ")
+    return out, lse, spy.runs[0]
+
+
+@pytest.mark.parametrize("HH", [(8, 8), (8, 2), (16, 2), (8, 1), (12, 1)], ids=lambda h: f"H{h[0]}-Hkv{h[1]}")
+@pytest.mark.parametrize("Q", [1, 2, 3, 5, 16])
+def test_queries_and_groups(Q, HH):
+    """Past 64 query rows per kv head the split forward is not picked (fwd_split_count), but it
+    still computes them when told (here 5 splits)."""
+    H, H_kv = HH
+    splits = None if Q * H // H_kv <= 64 else 5
+    _run(Case(B=2, Q=Q, K=1000, H=H, H_kv=H_kv, D=128, window=100, scope="global"), torch.bfloat16,
+         splits=splits)
+
+
+@pytest.mark.parametrize("window", [64, 1000, 4097, 5000, None], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("K", [1000, 4097])
+def test_lengths_and_windows(K, window):
+    """window < K: LIST; window >= K or none: DENSE (every key, bias per element)."""
+    _run(Case(B=2, Q=1, K=K, H=8, H_kv=2, D=128, window=window, scope="global"), torch.float16)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [50, None], ids=["list", "dense"])
+@pytest.mark.parametrize("Q", [2, 7])
+def test_causal_few_queries(Q, window, causal):
+    _run(Case(B=2, Q=Q, K=301, H=8, H_kv=2, D=64, window=window, scope="global", causal=causal), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+def test_head_dims(D, dtype):
+    _run(Case(B=2, Q=1, K=777, H=8, H_kv=2, D=D, window=200, scope="global"), dtype)
+
+
+@pytest.mark.parametrize("window", [40, None], ids=["list", "dense"])
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_softcap(softcap, window):
+    _run(Case(B=2, Q=3, K=500, H=8, H_kv=2, D=128, window=window, scope="global", softcap=softcap), torch.float16)
+
+
+@pytest.mark.parametrize("form", ["b_hkv_1", "1_hkv_1", "b_h_1", "1_1_1"])
+@pytest.mark.parametrize("window", [70, None], ids=["list", "dense"])
+def test_bias_forms(form, window):
+    _run(Case(B=2, Q=2, K=333, H=8, H_kv=2, D=64, bias=form, window=window, scope="global"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("form", ["b_h_q", "1_hkv_q", "b_1_q", "1_1_q"])
+def test_per_query_bias_dense(form):
+    """A bias that differs between query rows (no window: the LIST path needs query-broadcast ones):
+    every row of a block reads its own."""
+    _run(Case(B=2, Q=3, K=300, H=8, H_kv=2, D=64, bias=form, causal=True), torch.float16)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [90, None], ids=["list", "dense"])
+def test_bias_dtypes(window, bias_dtype):
+    _run(Case(B=2, Q=1, K=400, H=8, H_kv=2, D=128, window=window, scope="global"), torch.bfloat16,
+         bias_dtype=bias_dtype)
+
+
+def test_no_bias_dense():
+    _run(Case(B=2, Q=2, K=300, H=8, H_kv=2, D=128, bias=None, mask="b_hkv_1"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("mask", ["b_hkv_1", "1_1_1", "b_h_1"])
+@pytest.mark.parametrize("window", [60, None], ids=["list", "dense"])
+def test_mask_with_empty_rows(window, mask):
+    """Selection rows (LIST: folded into the lists) or key rows (DENSE) that allow no key: their
+    rows end as out 0, lse -inf, and nothing else is disturbed."""
+    case = Case(B=2, Q=2, K=500, H=8, H_kv=2, D=128, mask=mask, window=window, scope="global")
+    q, k, v, bias, m = make_inputs(case, torch.float16, "cuda")
+    m[-1, 0] = False  # the last mask batch (every batch when broadcast), mask head 0
+    out, lse, _ = _run(case, torch.float16, inputs=(q, k, v, bias, m))
+    heads = case.H // m.shape[1]  # the query heads that read mask head 0
+    batches = [1] if m.shape[0] == 2 else [0, 1]
+    assert torch.isneginf(lse[batches, :heads]).all() and (out[batches, :, :heads] == 0).all()
+    if heads < case.H:
+        assert torch.isfinite(lse[:, heads:]).all()
+
+
+def test_per_query_mask_with_empty_rows():
+    case = Case(B=2, Q=5, K=200, H=8, H_kv=2, D=64, mask="b_h_q")
+    q, k, v, bias, m = make_inputs(case, torch.bfloat16, "cuda")
+    m[:, :, ::2] = False  # queries 0, 2 and 4 see nothing
+    out, lse, _ = _run(case, torch.bfloat16, inputs=(q, k, v, bias, m))
+    assert torch.isneginf(lse[:, :, ::2]).all() and (out[:, ::2] == 0).all()
+
+
+def test_minus_inf_bias_keys():
+    case = Case(B=1, Q=1, K=300, H=8, H_kv=2, D=128, window=100, scope="global")
+    q, k, v, bias, m = make_inputs(case, torch.bfloat16, "cuda", bias_dtype=torch.float32)
+    bias[..., ::3] = -math.inf
+    _run(case, torch.bfloat16, inputs=(q, k, v, bias, m))
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 256])
+@pytest.mark.parametrize("keys", ["list", "list-padded", "dense"])
+def test_forced_split_counts(keys, splits):
+    """1: the split kernel writes out and lse itself; 3 and 7: uneven chunks; 256: capped by the
+    list length. list-padded: a mask leaves ~780 candidates for a window of 900, so the lists end in
+    padding and the last splits see no entry."""
+    window = {"list": 300, "list-padded": 900, "dense": None}[keys]
+    mask = "b_hkv_1" if keys == "list-padded" else None
+    _run(Case(B=2, Q=3, K=1111, H=8, H_kv=2, D=128, mask=mask, window=window, scope="global", causal=True),
+         torch.bfloat16, splits=splits)
+
+
+def test_deterministic():
+    case = Case(B=2, Q=1, K=5000, H=32, H_kv=8, D=128, window=2048, scope="global")
+    q, k, v, bias, _ = make_inputs(case, torch.bfloat16, "cuda")
+    idx, counts = cuda_ext.list_selection(bias, None, window=2048, Q=1, head_dim=128, is_causal=False)
+    runs = [cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts) for _ in range(3)]
+    for out, lse in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+
+
+def test_decode_workload_shape():
+    """D128k's shape (H=32, H_kv=8, D=128, w=2048, bf16, Q=1) at K=131072."""
+    _run(Case(B=1, Q=1, K=131072, H=32, H_kv=8, D=128, window=2048, scope="global"), torch.bfloat16)
+
+
+def test_split_count_decides():
+    q = torch.empty(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(1, 131072, 8, 128, device="cuda", dtype=torch.bfloat16)
+    idx = torch.empty(1, 8, 2048, device="cuda", dtype=torch.int32)
+    n = cuda_ext.split_count(q, k, idx)
+    assert n > 1, n  # 8 thread blocks per split cannot fill a GPU
+    assert cuda_ext.split_count(q.expand(1, 17, 32, 128), k, idx) == 0  # Q > 16: the other kernel
+    assert cuda_ext.split_count(q.expand(1, 16, 32, 128), k, idx) > 0  # 64 rows per kv head
+    mqa = k[:, :, :1]
+    assert cuda_ext.split_count(q.expand(1, 2, 32, 128), mqa, idx) > 0  # MQA, Q = 2: 64 rows
+    assert cuda_ext.split_count(q.expand(1, 3, 32, 128), mqa, idx) == 0  # 96 rows per kv head
+    with mock.patch.object(cuda_ext, "SPLIT_DECODE", False):
+        assert cuda_ext.split_count(q, k, idx) == 0
+
+
+@pytest.mark.parametrize("split_decode", [True, False], ids=["split", "no-split"])
+def test_backend_takes_the_split_path(split_decode):
+    """``dma_attention(backend="cuda")`` on a decode call runs the split forward (and, with
+    ``SPLIT_DECODE`` off, the one-block kernel); both match the reference."""
+    case = Case(B=1, Q=1, K=16384, H=32, H_kv=8, D=128, window=2048, scope="global")
+    _need_head_dim(case.D)
+    q, k, v, bias, _ = make_inputs(case, torch.bfloat16, "cuda")
+    with _spy() as spy, mock.patch.object(cuda_ext, "SPLIT_DECODE", split_decode):
+        out, lse = dmattn.dma_attention(q, k, v, bias, window=2048, topk_scope="global", return_lse=True,
+                                        backend="cuda")
+    torch.cuda.synchronize()
+    assert len(spy.runs) == 1 and (spy.runs[0] > 1 if split_decode else spy.runs[0] == 0), spy.runs
+    opts = dict(window=2048, topk_scope="global")
+    truth = reference.attention(q.double(), k.double(), v.double(), bias.double(), None, **opts)
+    low = reference.attention(q, k, v, bias, None, **opts)
+    assert_close_to_reference((out, lse), low, truth, torch.bfloat16)
+
+
+def test_cuda_graph_capture_decode():
+    """A decode call (selection + split forward + merge) captured once and replayed on new inputs
+    gives what eager gives, bitwise."""
+    case = Case(B=2, Q=1, K=8192, H=32, H_kv=8, D=128, window=1024, scope="global")
+    _need_head_dim(case.D)
+    q, k, v, bias, _ = (t.clone() for t in make_inputs(case, torch.bfloat16, "cuda"))
+
+    def step():
+        return dmattn.dma_attention(q, k, v, bias, window=1024, topk_scope="global", return_lse=True,
+                                    backend="cuda")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with _spy() as spy, torch.cuda.graph(graph):
+        captured = step()
+    assert spy.runs and spy.runs[0] > 1, spy.runs
+
+    fresh = make_inputs(case, torch.bfloat16, "cuda", seed=7)
+    for dst, src in zip((q, k, v, bias), fresh):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = step()
+    assert torch.equal(captured[0], want[0]) and torch.equal(captured[1], want[1])
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(Q=17, splits=4), ["Q <= 16", "17"]),
+    (dict(splits=300), ["splits", "256"]),
+    (dict(workspace=7), ["workspace", "at least"]),
+], ids=["too-many-queries", "too-many-splits", "small-workspace"])
+def test_errors_name_the_argument(bad, words):
+    _need_head_dim(64)
+    Q = bad.get("Q", 1)
+    q = torch.randn(1, Q, 2, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 40, 1, 64, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, Q, device="cuda")
+    workspace = torch.empty(bad.get("workspace", 4096), device="cuda")
+    from dmattn.backends.base import dlpack
+
+    with pytest.raises(ValueError) as err:
+        cuda_ext._cuda.fwd(*dlpack(q, k, k, None, None, out, lse, None, None), scale=0.125, softcap=0.0,
+                           causal=False, stream=cuda_ext.current_stream(q.device), splits=bad.get("splits", 2),
+                           workspace=dlpack(workspace)[0])
+    for w in words:
+        assert w in str(err.value), f"{w!r} not in {err.value!s}"
+
+
+def test_built_head_dims_have_the_split_forward():
+    for D in sorted(_built_head_dims()):
+        q = torch.randn(1, 1, 4, D, device="cuda", dtype=torch.float16)
+        k = torch.randn(1, 100, 1, D, device="cuda", dtype=torch.float16)
+        out, lse = cuda_ext.forward(q, k, k, splits=2)
+        ref_out, ref_lse = reference.attention(q.double(), k.double(), k.double(), None, None)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
