@@ -88,10 +88,10 @@ def _run(case: Case, dtype, *, splits=None, inputs=None, bias_dtype=None, seed: 
 @pytest.mark.parametrize("HH", [(8, 8), (8, 2), (16, 2), (8, 1), (12, 1)], ids=lambda h: f"H{h[0]}-Hkv{h[1]}")
 @pytest.mark.parametrize("Q", [1, 2, 3, 5, 16])
 def test_queries_and_groups(Q, HH):
-    """Past 64 query rows per kv head the split forward is not picked (fwd_split_count), but it
+    """Past 32 query rows per kv head the split forward is not picked (fwd_split_count), but it
     still computes them when told (here 5 splits)."""
     H, H_kv = HH
-    splits = None if Q * H // H_kv <= 64 else 5
+    splits = None if Q * H // H_kv <= 32 else 5
     _run(Case(B=2, Q=Q, K=1000, H=H, H_kv=H_kv, D=128, window=100, scope="global"), torch.bfloat16,
          splits=splits)
 
@@ -210,10 +210,11 @@ def test_split_count_decides():
     n = cuda_ext.split_count(q, k, idx)
     assert n > 1, n  # 8 thread blocks per split cannot fill a GPU
     assert cuda_ext.split_count(q.expand(1, 17, 32, 128), k, idx) == 0  # Q > 16: the other kernel
-    assert cuda_ext.split_count(q.expand(1, 16, 32, 128), k, idx) > 0  # 64 rows per kv head
+    assert cuda_ext.split_count(q.expand(1, 8, 32, 128), k, idx) > 0  # 32 rows per kv head
+    assert cuda_ext.split_count(q.expand(1, 16, 32, 128), k, idx) == 0  # 64 rows: the other kernel
     mqa = k[:, :, :1]
-    assert cuda_ext.split_count(q.expand(1, 2, 32, 128), mqa, idx) > 0  # MQA, Q = 2: 64 rows
-    assert cuda_ext.split_count(q.expand(1, 3, 32, 128), mqa, idx) == 0  # 96 rows per kv head
+    assert cuda_ext.split_count(q, mqa, idx) > 0  # MQA, Q = 1: 32 rows
+    assert cuda_ext.split_count(q.expand(1, 2, 32, 128), mqa, idx) == 0  # 64 rows per kv head
     with mock.patch.object(cuda_ext, "SPLIT_DECODE", False):
         assert cuda_ext.split_count(q, k, idx) == 0
 

@@ -136,9 +136,12 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
 // Q <= kFwdSplitMaxQ and Q x group <= kFwdSplitMaxRows: the split kernel computes on the CUDA
 // cores and re-reads a chunk's K/V rows for every tile of 4 query rows (from L2 when the tiles run
 // together), while fwd_kernel.cuh reads them once per 128 rows with mma.sync but runs only
-// B * H * cdiv(Q, 128) blocks, each walking the whole list. At 64 rows per kv head (Q = 16 at
-// group 4) a chunk is read 16 times; both bounds are guesses of where that stops paying, to be
-// measured (benchmarks/cuda_decode.py --q-sweep). The Triton backend's split uses the same 64.
+// B * H * cdiv(Q, 128) blocks, each walking the whole list. Measured on an H200 (D128k shape, group
+// 4, bf16, CUDA-graph replay of the forward alone; benchmarks/results/cuda-decode-h200-2026-11-28.json,
+// benchmarks/cuda_decode.py --q-sweep): split against one-block 0.025 / 0.149 ms at Q = 1, 0.032 /
+// 0.150 at Q = 2, 0.070 / 0.151 at Q = 4, 0.101 / 0.150 at Q = 8 (32 rows per kv head), 0.201 /
+// 0.151 at Q = 16 (64 rows). So the split is picked up to 32 rows per kv head; up to Q = 16 it can
+// still be forced (tests).
 int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys, int sms) {
   if (Q < 1 || Q > kFwdSplitMaxQ || B < 1 || H_kv < 1 || H % H_kv != 0) return 0;
   if (Q * (H / H_kv) > kFwdSplitMaxRows) return 0;

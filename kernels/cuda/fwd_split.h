@@ -20,7 +20,7 @@ namespace cuda {
 // Most queries a call may have to take the split forward (a forced split count included), and most
 // query rows per kv head (Q x group) for fwd_split_count to pick it (see there).
 constexpr int kFwdSplitMaxQ = 16;
-constexpr int kFwdSplitMaxRows = 64;
+constexpr int kFwdSplitMaxRows = 32;
 // Most splits per list: the merge keeps one weight per split in shared memory.
 constexpr int kFwdSplitMaxSplits = 256;
 

@@ -639,7 +639,7 @@ NB_MODULE(_cuda, m) {
         nb::arg("head_dim"), nb::arg("n_keys"), nb::arg("device"),
         "Splits the split (decode) forward should use for these sizes on a CUDA device (n_keys: the LIST length,\n"
         "or K without a list); 0 when the call should take the one-block-per-query-block forward (Q > 16, or more\n"
-        "than 64 query rows Q x H / H_kv per kv head).");
+        "than 32 query rows Q x H / H_kv per kv head).");
   m.def("bwd", &bwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
         nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("idx").none(), nb::arg("counts").none(),
         nb::arg("delta").noconvert(), nb::arg("dq").noconvert().none(), nb::arg("dk").noconvert().none(),

@@ -1197,8 +1197,13 @@ COMPACT_DQ = True
 # inside the super-block. T32k (w 2048, 128-query blocks, super-blocks of
 # 16 blocks): 16 lists of about 2300 keys per row, 8 rows: about 150 MB of copies, in place of the
 # per-block lists (0.26 ms on an H200) and a kernel that gathered every key row through an index.
-# Not yet measured on a GPU (benchmarks/visible_ab.py); the interpreter tests cover it.
-COMPACT_PREFIX = True
+# Measured on an H200 (bf16, H 32, H_kv 8, D 128, causal, visible scope, forward from the bias,
+# alternating rounds; benchmarks/results/visible-ab-h200-2026-11-28.json, benchmarks/visible_ab.py):
+# T32k 5.12 / 5.13 ms gathering, 4.85 / 4.83 compact with descriptors, 5.42 / 5.43 with pointer
+# loads; T8k 1.55 / 1.45 gathering, 2.32 / 2.19 compact. The forward kernel itself went from 4.0 to
+# 3.7 ms at T32k (torch.profiler), so the gather was not most of its time; off until it wins at
+# both sizes. The tests run it (tests/test_triton_prefix_compact.py).
+COMPACT_PREFIX = False
 # Queries per super-block (None: the window); see ``prefix.superblock_size``.
 PREFIX_SUPERBLOCK = None
 

@@ -93,7 +93,7 @@ def uses_sm90(head_dim: int, per_query: bool = False) -> bool:
 
 
 # The split (decode) forward (kernels/cuda/fwd_split.h) runs for calls with few queries (Q <= 16,
-# at most 64 query rows per kv head) unless this is False: process-wide, so that one process can time it against the
+# at most 32 query rows per kv head) unless this is False: process-wide, so that one process can time it against the
 # one-block-per-query-block kernel (benchmarks/cuda_decode.py).
 SPLIT_DECODE = True
 
@@ -111,7 +111,7 @@ def _split_count(B: int, Q: int, H: int, H_kv: int, D: int, n_keys: int, device:
 def split_count(q: torch.Tensor, k: torch.Tensor, idx: Optional[torch.Tensor] = None) -> int:
     """The splits ``forward`` runs the split (decode) kernel with for these inputs (the list length of
     ``idx``, else K keys): 0 when it runs the one-block-per-query-block kernel instead (more than 16
-    queries or 64 query rows per kv head, ``SPLIT_DECODE`` off, or a module without it). The module
+    queries or 32 query rows per kv head, ``SPLIT_DECODE`` off, or a module without it). The module
     decides (``fwd_split_count``, from the device's SM count and the list length); cached per shape."""
     if not (SPLIT_DECODE and has_split()) or q.dim() != 4 or k.dim() != 4:
         return 0

@@ -6,7 +6,7 @@ scope (or a selection that equals it: no causality, or a single query); the CUDA
 (``kernels/cuda/select.h``, through ``cuda_ext.list_selection``) builds the sorted key lists, the mask
 folded into them, and the kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
 every key); bias and mask are tested per element. Calls with few queries (decode: Q <= 16, at most
-64 query rows per kv head) on either path run the split forward (``kernels/cuda/fwd_split.h``: each
+32 query rows per kv head) on either path run the split forward (``kernels/cuda/fwd_split.h``: each
 list spread over many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. The
 visible scope with causality and Q > 1, and a window over a per-query bias or mask, have no CUDA
 path: the Triton backend computes them. Nothing here needs Triton.
