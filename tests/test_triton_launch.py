@@ -146,6 +146,13 @@ def test_calls_the_key_does_not_describe_take_the_slow_path(kernel, monkeypatch)
     assert kernel.slow_calls == calls + 3 and kernel.run.hits == 0
 
 
+def test_only_checked_releases_take_the_short_path(monkeypatch):
+    for version, ok in (("3.6.0", True), ("3.9.1+git", True), ("3.5.1", False), ("3.10.0", False),
+                        ("4.0.0", False), ("main", False)):
+        monkeypatch.setattr(launch.triton, "__version__", version)
+        assert launch._checked_release() == ok, version
+
+
 def test_cache_is_bounded(kernel, monkeypatch):
     monkeypatch.setattr(launch, "_CACHE_LIMIT", 4)
     a, b = torch.zeros(8), torch.ones(8)

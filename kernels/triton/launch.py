@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
@@ -40,7 +41,20 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed Triton
     TensorDescriptor = None
 
-ENABLED = knobs is not None and os.environ.get("DMATTN_TRITON_FAST_LAUNCH", "1") != "0"
+
+def _checked_release() -> bool:
+    """The short path calls ``CompiledKernel.run`` with the arguments ``JITFunction.run`` passes it;
+    that call was read in the sources of Triton 3.6 and 3.9 (identical there). Other releases keep
+    Triton's own path rather than risk a launcher whose arguments moved."""
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (3, 6) <= (major, minor) <= (3, 9)
+
+
+ENABLED = (knobs is not None and _checked_release()
+           and os.environ.get("DMATTN_TRITON_FAST_LAUNCH", "1") != "0")
 
 # Keys hold exact sizes, so one kernel collects an entry per distinct shape; past this many the
 # cache starts over (a miss costs one launch through Triton's path, no compilation).
