@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+import triton.language as tl
 
 from cases import Case, device_for, make_inputs, unavailable
 
@@ -159,6 +160,65 @@ def test_cache_is_bounded(kernel, monkeypatch):
     for n in range(10):
         _launch(kernel, (1,), a, b, n, False)
     assert len(kernel.run.cache) <= 4
+
+
+def _probe_kernel(X, Y, n, flag, BLOCK: tl.constexpr, EXTRA=None):
+    pass
+
+
+class _ProbeCompiled(_Compiled):
+    """What Triton's ``run`` finds in its cache for the probe kernel."""
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x is y or (not isinstance(x, torch.Tensor) and type(x) is type(y) and x == y)
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(not launch._checked_release(), reason="the short path is off for this Triton release")
+def test_short_path_launches_what_tritons_own_run_launches(monkeypatch):
+    """Against Triton's real ``JITFunction.run`` (binder, specialisation, cache key, launch), with
+    only the compiler and the driver stood in for: for every call form the hit hands the compiled
+    launcher the grid, stream, handles and arguments Triton's own path handed it. This is the check
+    that fails when a Triton release moves the launcher's arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver as triton_driver
+    from triton.runtime.jit import JITFunction
+
+    class _Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 7
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(triton_driver, "_active", _Driver())
+    monkeypatch.setattr(launch, "ENABLED", True)
+    kernel = JITFunction(_probe_kernel)
+    compiled = _ProbeCompiled()
+    kernel._do_compile = lambda *args, **kwargs: compiled
+    launch.fast(kernel)
+    a, b = torch.zeros(8), torch.ones(8)
+    forms = [((3,), (a, b, 5, False), dict(BLOCK=8, num_warps=4)),
+             ((2, 5), (a, b), dict(n=9, flag=True, BLOCK=16, EXTRA=3)),
+             ((1, 2, 3), (a, b, 1, True, 4), dict(EXTRA=2.5)),
+             ((4,), (a[1:], b, 17, False), dict(BLOCK=8))]
+    for grid, args, kwargs in forms:
+        kernel[grid](*args, **kwargs)  # a miss: Triton's own run launches
+        hits = kernel.run.hits
+        kernel[grid](*args, **kwargs)  # a hit: the short path
+        assert kernel.run.hits == hits + 1
+        slow, fast = compiled.launches[-2:]
+        # (grid, stream, function, packed metadata, launch metadata, enter hook, exit hook, arguments)
+        assert _same(fast[:4], slow[:4]) and _same(fast[7], slow[7]), (grid, args, kwargs)
+        assert fast[4:7] == (None, None, None)  # no metadata, no hooks: Triton's hooks were idle
+        assert slow[4] is None and all(not getattr(h, "calls", None) for h in slow[5:7])
 
 
 def _modules():
