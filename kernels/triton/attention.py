@@ -464,18 +464,18 @@ def dma_fwd_kernel(
             acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, f_end, Idx, lst, KC, VC, BC, c_off,
                                               offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
                                               BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, True, True)
-        for start in range(t0, f0, BLOCK_N):
-            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, f0, Idx, lst, KC, VC, BC, c_off,
-                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
-                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
-        for start in range(f_end, t1, BLOCK_N):
-            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, t1, Idx, lst, KC, VC, BC, c_off,
-                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
-                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
-        for start in range(r0, r1, BLOCK_N):
-            acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, r1, Idx, lst, KC, VC, BC, c_off,
-                                              offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
-                                              BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, True)
+        for part in tl.static_range(3):  # the tested ranges: head, tail, born-and-dying run
+            if part == 0:
+                lo, hi = t0, f0
+            elif part == 1:
+                lo, hi = f_end, t1
+            else:
+                lo, hi = r0, r1
+            for start in range(lo, hi, BLOCK_N):
+                acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, hi, Idx, lst, KC, VC, BC, c_off,
+                                                  offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D,
+                                                  BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC,
+                                                  False, True)
     elif COMPACT:
         c_off = (b * CH + h * CH // H).to(tl.int64) * WC
         for start in range(0, full, BLOCK_N):
