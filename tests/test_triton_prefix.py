@@ -56,7 +56,47 @@ def test_death_matches_brute_force(kind, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_block_lists_and_order(device):
+@pytest.mark.parametrize("tiles", [(16, 128), (32, 64), (64, 32)], ids=str)
+def test_death_other_tiles_match_brute_force(tiles, device):
+    """The death kernel's rank chunk R and position bucket P apart (the default has R = P = 32
+    at these K): bucket picks in several slices, chunks wider than buckets and the reverse."""
+    g = torch.Generator().manual_seed(11)
+    for K, w, masked in [(1100, 17, True), (1100, 500, False), (300, 1, False), (300, 64, True), (65, 2, False)]:
+        values = _values(2, K, "ties" if masked else "random", torch.bfloat16, g)
+        allowed = torch.rand(2, K, generator=g) < 0.55 if masked else None
+        got = prefix.death_positions(values.to(device), None if allowed is None else allowed.to(device), w,
+                                     tiles=tiles)
+        for r in range(2):
+            want = brute_death(values[r], None if allowed is None else allowed[r], w)
+            assert torch.equal(got[r].cpu(), want), (tiles, K, w, masked, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("K", [1, 7, 32768, 32769])
+def test_rank_order_is_the_stable_sort(K, dtype):
+    """``rank_order``'s packed keys (int32 up to K = 32768 for 16-bit values, int64 above and for
+    float32) order keys as a stable descending sort of the values does, masked keys last."""
+    g = torch.Generator().manual_seed(5)
+    values = _values(2, K, "ties", dtype, g)
+    values[1] = torch.randn(K, generator=g).to(dtype)
+    for allowed in (None, torch.rand(2, K, generator=g) < 0.5):
+        got = prefix.rank_order(values, allowed)
+        keys = prefix._order_keys(values)
+        if allowed is not None:
+            keys = torch.where(allowed, keys, prefix._INT64_MIN)
+        want = keys.sort(dim=-1, descending=True, stable=True).indices
+        n = K if allowed is None else allowed.sum(-1)
+        for r in range(2):
+            m = int(n) if allowed is None else int(n[r])
+            assert torch.equal(got[r, :m].long(), want[r, :m]), (K, dtype, r)
+            assert torch.equal(got[r, m:].long().sort().values, want[r, m:].sort().values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile", [16, None], ids=["tile16", "default"])
+def test_block_lists_and_order(device, tile, monkeypatch):
+    if tile is not None:  # many scan steps per block
+        monkeypatch.setattr(prefix, "LISTS_TILE", tile)
     g = torch.Generator().manual_seed(3)
     for Q, K, w, bm in [(200, 200, 17, 32), (77, 300, 40, 16), (300, 120, 9, 64), (5, 5, 2, 16), (64, 1100, 100, 32)]:
         values = torch.randn(2, K, generator=g)

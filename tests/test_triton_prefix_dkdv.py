@@ -68,7 +68,7 @@ def _assert_tiles_have_three_parts(case, q, k, v, bias, mask):
     p = make_problem(q, k, v, bias, mask, **opts)
     a = attention._Launch(p, q, k, v, bias, mask)
     assert a.sel.path == attention.PREFIX
-    cfg = attention.launch_config(p.D, q.element_size(), "dkdv")
+    cfg = attention.launch_config(p.D, q.element_size(), "dkdv", attention.PREFIX)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles, _ = a.key_tiles(bm, bn)
     death = a.sel.death.view(-1, p.K).cpu()

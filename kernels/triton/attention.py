@@ -66,8 +66,9 @@ def _head_block(D: int) -> int:
     return max(16, topk.next_power_of_2(D))
 
 
-def launch_config(D: int, elem_size: int, kind: str) -> dict:
-    """Tile sizes, warps and pipeline stages for ``kind`` in {"fwd", "dq", "dkdv"}.
+def launch_config(D: int, elem_size: int, kind: str, path: int = LIST) -> dict:
+    """Tile sizes, warps and pipeline stages for ``kind`` in {"fwd", "dq", "dkdv"} on selection
+    ``path`` (the sweeps below are of the LIST path unless they say PREFIX).
 
     Interpreter: 32 x 32 tiles. Each program runs as numpy on the host, so time grows with the
     number of tiles (measured on the test cases: 16 is ~2.3x slower than 32, 64 ~1.6x faster);
@@ -85,6 +86,13 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
     with 4 warps gave fwd+bwd 14.1 ms against 14.9 for 128 x 64 / 8 warps; dk/dv kept 128 x 64 / 8
     warps (14.9 ms; 32..128 x 64..128 with 4 or 8 warps all took 17.8 to 45 ms); after the FULL
     tiles, the backward alone took 8.66 ms with these choices, 8.79 to 27 ms with the others.
+    The PREFIX path (visible scope) was swept apart (T32k and T8k visible, end to end from the bias;
+    benchmarks/results/visible-sweep-h200-2026-11-28.json): its gathering forward wants 3 stages
+    (T32k 4.20 ms against 4.56 with 2, 128 x 32 4.26, 8 warps 4.84; T8k 0.72 against 0.80, where
+    128 x 32 gave 0.69; 4 stages 0.7% faster at T32k than 3), while the LIST path's compact forward
+    lost with 3 (T32k 2.71 ms against 1.39). Its dk/dv wants 64 x 64 with 4 warps: T32k fwd+bwd
+    18.95 / 18.77 ms against 20.06 / 19.75 for 128 x 64 with 8 warps in two rounds (32 x 64 19.77,
+    64 x 32 21.5, 3 stages 22.9, 128 x 128 32.9); at T8k 3.66 against 3.41 ms in the clean round.
     Other row sizes are unswept starting points: 128-byte rows keep the FlashAttention-2 128 x 64
     forward, 512-byte rows (D = 256, or D = 128 in fp32) halve the tiles to fit shared memory."""
     if INTERPRETED:
@@ -94,12 +102,14 @@ def launch_config(D: int, elem_size: int, kind: str) -> dict:
         if bytes_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
         if bytes_d <= 256:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3 if path == PREFIX else 2)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bytes_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if bytes_d <= 256 and kind == "dq":
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+    if bytes_d <= 256 and path == PREFIX:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if bytes_d <= 256:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -1144,7 +1154,7 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
         _forward_split(p, sel, q, k, v, bias, out, lse)
         return
     a = _Launch(p, q, k, v, bias, mask, sel)
-    cfg = launch_config(p.D, q.element_size(), "fwd")
+    cfg = launch_config(p.D, q.element_size(), "fwd", sel.path)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if COMPACT_PREFIX and a.sel.path == PREFIX:
         lists, compact = _compact_prefix(a, bm, bn)
@@ -1374,7 +1384,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
     dbias_f32 = None
 
     if dq is not None or write_ds:
-        cfg = launch_config(p.D, q.element_size(), "dq")
+        cfg = launch_config(p.D, q.element_size(), "dq", a.sel.path)
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
         lists = a.query_lists(bm, bn)
@@ -1394,7 +1404,7 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
             dbias_f32 = ds
 
     if dk is not None or dv is not None or write_db:
-        cfg = launch_config(p.D, q.element_size(), "dkdv")
+        cfg = launch_config(p.D, q.element_size(), "dkdv", a.sel.path)
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         group = p.H // p.H_kv
         listed = a.sel.path in (LIST, PREFIX)
