@@ -101,8 +101,15 @@ def test_block_lists_and_order(device, tile, monkeypatch):
     for Q, K, w, bm in [(200, 200, 17, 32), (77, 300, 40, 16), (300, 120, 9, 64), (5, 5, 2, 16), (64, 1100, 100, 32)]:
         values = torch.randn(2, K, generator=g)
         death = prefix.death_positions(values.to(device), None, w)
-        idx, cnt = prefix.block_lists(death, Q, w, bm)
+        # The bias values ride along: two heads for the two rows, and one head shared by both read
+        # through a key stride of 2.
+        two = torch.randn(1, 2, 1, K, generator=g, dtype=torch.float64).to(torch.bfloat16)
+        one = torch.randn(1, 1, 1, 2 * K, generator=g)[..., ::2]
+        idx, cnt, bl = prefix.block_lists(death, Q, w, bm, bias=(two.to(device), 0, K, 1, 2))
+        idx1, cnt1, bl1 = prefix.block_lists(death, Q, w, bm, bias=(one.to(device), 0, 2 * K, 2, 2))
+        assert torch.equal(cnt1, cnt) and prefix.block_lists(death, Q, w, bm)[2] is None
         assert idx.shape == (2, -(-Q // bm), min(K, w + bm)) and cnt.shape == (2, idx.shape[1], 2)
+        assert bl.shape == idx.shape and bl.dtype == torch.bfloat16 and bl1.dtype == torch.float32
         j = torch.arange(K)
         d = death.cpu()
         for r, b in itertools.product(range(2), range(idx.shape[1])):
@@ -114,6 +121,9 @@ def test_block_lists_and_order(device, tile, monkeypatch):
             got = idx[r, b, :n].cpu().long()
             assert n <= w + bm and n_full == int(whole.sum()), (Q, K, w, bm, r, b)
             assert torch.equal(got[:n_full], j[whole]) and torch.equal(got[n_full:], j[alive & ~whole])
+            assert torch.equal(idx1[r, b, :n].cpu().long(), got)
+            assert torch.equal(bl[r, b, :n].cpu(), two[0, r, 0, got])
+            assert torch.equal(bl1[r, b, :n].cpu(), one[0, 0, 0, got])
         for bn in (16, 32):
             order, alive = prefix.alive_order(death, w, bn)
             chunk = prefix.order_chunk(w, bn)

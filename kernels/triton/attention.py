@@ -426,13 +426,72 @@ def _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, sk
     return acc, m_new, l_i
 
 
+@triton.jit
+def _prefix_keys(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, FULL: tl.constexpr):
+    """List positions, key indices and which are real for the PREFIX tile at ``start`` of a block's
+    list (a FULL tile lies below the first run's end, so all its entries are real)."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = pos < limit
+    if FULL:
+        offs_n = tl.load(Idx + idx_row + pos)
+    else:
+        offs_n = tl.load(Idx + idx_row + pos, mask=n_ok, other=K)
+    return pos, offs_n, n_ok
+
+
+@triton.jit
+def _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+    """``_scores`` of a PREFIX tile (causal always): bias values from the block's list copy BL at
+    list positions ``pos``; on tested tiles the causal and death tests of the tile's own key
+    indices ``offs_n``, loaded once for the gather too. Same arithmetic in the same order as
+    ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
+    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        if FULL:
+            braw = tl.load(BL + idx_row + pos)
+        else:
+            braw = tl.load(BL + idx_row + pos, mask=n_ok, other=0.0)
+        s = s + braw[None, :].to(tl.float32) * LOG2E
+    if not FULL:
+        # j <= c_i < death_j alone decides: padding entries read death 0, and rows past Q have
+        # limits >= K >= every death, so the row and entry bounds need no terms of their own
+        # (each term costs a logic op per element of the tile).
+        death = tl.load(Dth + row * K + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
+        limit = offs_m[:, None] + off  # [BLOCK_M, 1]
+        s = tl.where((offs_n[None, :] <= limit) & (death[None, :] > limit), s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _prefix_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn, skd, v_base, svn, svd,
+                     offs_m, offs_d, off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                     FULL: tl.constexpr):
+    """``_fwd_tile`` of the PREFIX path: key and value rows gathered through the block's list, the
+    bias values read contiguously from BL (``prefix.block_lists`` wrote them slot for slot), and,
+    on tested tiles, the causal and death tests (``_prefix_scores``). Gathering the bias in the
+    scores' layout took a second set of index loads and their address arithmetic per tile: sm_90a
+    SASS with Triton 3.6 (benchmarks/triton_sass.py), FULL loop 1150 -> 913 instructions per 64
+    keys (the LIST path's compact loop: 769), tested loop 2169 -> 2294. Same arithmetic in the same
+    order as ``_scores``, so the result is the same to the bit."""
+    pos, offs_n, n_ok = _prefix_keys(Idx, idx_row, start, limit, K, BLOCK_N, FULL)
+    k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row, HAS_BIAS,
+                          SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
+    v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH", "NSB", "SBG"))
 def dma_fwd_kernel(
     Qp, Kp, Vp, Bp, Mp, Out, Lse, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sob, som, soh, sod,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
-    scale, softcap, KC, VC, BC, CH, WC,
+    scale, softcap, KC, VC, BC, CH, WC, BL,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
@@ -496,6 +555,15 @@ def dma_fwd_kernel(
             acc, m_i, l_i = _compact_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, KC, VC, BC, c_off,
                                               offs_m, offs_d, m_ok, off, K, scale, softcap, Dth, row, D, BLOCK_N,
                                               BLOCK_D, IS_CAUSAL, HAS_BIAS, SOFTCAP, UPCAST, USE_DESC, False, False)
+    elif PATH == _PREFIX:
+        for start in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _prefix_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn,
+                                             skd, v_base, svn, svd, offs_m, offs_d, off, K, scale, softcap, D, BLOCK_N,
+                                             BLOCK_D, HAS_BIAS, SOFTCAP, UPCAST, True)
+        for start in range(full, limit, BLOCK_N):
+            acc, m_i, l_i = _prefix_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn,
+                                             skd, v_base, svn, svd, offs_m, offs_d, off, K, scale, softcap, D, BLOCK_N,
+                                             BLOCK_D, HAS_BIAS, SOFTCAP, UPCAST, False)
     else:
         for start in range(0, full, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd,
@@ -621,13 +689,34 @@ def _compact_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, KC, VC,
     return dq + _dot(ds.to(k.dtype), k, UPCAST)
 
 
+@triton.jit
+def _prefix_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn, skd, v_base, svn,
+                    svd, offs_m, offs_d, off, K, scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                    FULL: tl.constexpr):
+    """``_dq_tile`` of the PREFIX path, reading bias values from BL as ``_prefix_fwd_tile`` does (no
+    dS output: the PREFIX path's bias is query-broadcast). dq is the same to the bit. SASS (Triton
+    3.6, 32-key tiles): FULL loop 583 -> 485 instructions, tested loop 987 -> 1136."""
+    pos, offs_n, n_ok = _prefix_keys(Idx, idx_row, start, limit, K, BLOCK_N, FULL)
+    k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
+    s, t = _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row, HAS_BIAS,
+                          SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+    dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + _dot(ds.to(k.dtype), k, UPCAST)
+
+
 @triton.jit(do_not_specialize=_SIZES + ("NBLK", "CH"))
 def dma_bwd_dq_kernel(
     Qp, Kp, Vp, Bp, Mp, DO, Lse, Delta, DQ, DS, Idx, Cnt, TV, TI, Dth,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdb, sdm, sdh, sdd,
     Q, K, H, GROUP, D: tl.constexpr, HB, HM, SEL_B, H_S, W, OCC_H, NBLK,
-    scale, softcap, KC, VC, BC, CH, WC,
+    scale, softcap, KC, VC, BC, CH, WC, BL,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
@@ -661,6 +750,15 @@ def dma_bwd_dq_kernel(
             dq = _compact_dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, KC, VC, BC, c_off, offs_m,
                                   offs_d, m_ok, off, K, scale, softcap, D, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS,
                                   SOFTCAP, UPCAST, USE_DESC, False)
+    elif PATH == _PREFIX:
+        for start in range(0, full, BLOCK_N):
+            dq = _prefix_dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn, skd,
+                                 v_base, svn, svd, offs_m, offs_d, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
+                                 HAS_BIAS, SOFTCAP, UPCAST, True)
+        for start in range(full, limit, BLOCK_N):
+            dq = _prefix_dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, BL, Dth, row, k_base, skn, skd,
+                                 v_base, svn, svd, offs_m, offs_d, off, K, scale, softcap, D, BLOCK_N, BLOCK_D,
+                                 HAS_BIAS, SOFTCAP, UPCAST, False)
     else:
         for start in range(0, full, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, start, limit, Idx, idx_row, Dth, row, k_base, skn, skd, v_base, svn,
@@ -684,14 +782,21 @@ def _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, L
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
                HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
-               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
-    """The dk/dv kernel's step over the query block at ``start_m`` for one query head."""
+               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr, QD, DOD, b, h,
+               Q_DESC: tl.constexpr):
+    """The dk/dv kernel's step over the query block at ``start_m`` for one query head (batch ``b``,
+    head ``h``). Q_DESC: its q and dO rows come through the 4-D tensor descriptors QD and DOD
+    (one TMA copy each on sm_90, rows past Q read as zeros) instead of per-row pointers."""
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     m_ok = offs_m < Q
-    qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_base + rows * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(do_base + rows * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if Q_DESC:
+        q = QD.load([b.to(tl.int32), start_m, h.to(tl.int32), 0]).reshape([BLOCK_M, BLOCK_D])
+        do = DOD.load([b.to(tl.int32), start_m, h.to(tl.int32), 0]).reshape([BLOCK_M, BLOCK_D])
+    else:
+        qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_base + rows * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     lse, delta = _row_stats(Lse, Delta, bh, Q, offs_m, m_ok)
     tv = tl.zeros([BLOCK_M], dtype=tl.float32)
     ti = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -723,7 +828,7 @@ def dma_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr, PATH: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, WRITE_DKDV: tl.constexpr, WRITE_DB: tl.constexpr,
-    BY_POSITION: tl.constexpr, TILES: tl.constexpr,
+    BY_POSITION: tl.constexpr, TILES: tl.constexpr, QD=None, DOD=None, Q_DESC: tl.constexpr = False,
 ):
     """dk, dv (and the dbias partial, float32 (B, H, K), of a query-broadcast bias) of one tile of
     keys. Program (p, tile) covers query heads p*N_HEADS .. +N_HEADS-1 of batch p // (H/N_HEADS):
@@ -810,25 +915,28 @@ def dma_bwd_dkdv_kernel(
                 dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
                                         bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
                                         smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False,
+                                        QD, DOD, b, h, Q_DESC)
         else:
             for start_m in range(m_lo, m_full, BLOCK_M):
                 dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
                                         bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
                                         smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False)
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, False,
+                                        QD, DOD, b, h, Q_DESC)
             for start_m in range(m_full, m_full_end, BLOCK_M):
                 dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse, Delta,
                                         bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn, mask_base,
                                         smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D, IS_CAUSAL, HAS_BIAS,
-                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True)
+                                        BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH, SOFTCAP, UPCAST, True,
+                                        QD, DOD, b, h, Q_DESC)
             if PATH == _PREFIX:  # the blocks where some of the tile's keys have died
                 for start_m in range(m_full_end, m_hi, BLOCK_M):
                     dk, dv, db = _dkdv_tile(dk, dv, db, k, v, start_m, q_base, sqm, sqd, do_base, sdm, sdd, Lse,
                                             Delta, bh, TV, TI, row, offs_n, n_ok, offs_d, death, bias_base, sbm, sbn,
                                             mask_base, smm, smn, Q, off, scale, softcap, D, BLOCK_M, BLOCK_D,
                                             IS_CAUSAL, HAS_BIAS, BIAS_PER_QUERY, HAS_MASK, MASK_PER_QUERY, PATH,
-                                            SOFTCAP, UPCAST, False)
+                                            SOFTCAP, UPCAST, False, QD, DOD, b, h, Q_DESC)
         if WRITE_DB:
             tl.store(DB + bh.to(tl.int64) * K + offs_n, db, mask=n_ok)
     if WRITE_DKDV:
@@ -1111,18 +1219,22 @@ class _Launch:
         LIST: the row's list, and in Cnt the prefix each block can see; PREFIX: each block's
         alive keys, and in Cnt their count and how many of them lead the list visible to the whole
         block; TILES: per (batch x occupancy head, query block) its key tiles of ``block_n``,
-        occupied first, and how many are occupied; placeholders on the other paths."""
+        occupied first, and how many are occupied; placeholders on the other paths. BL: on the
+        PREFIX path with a bias, the listed keys' bias values slot for slot (a placeholder
+        elsewhere), which the PREFIX tiles read contiguously."""
         p, sel = self.p, self.sel
         if self.flags["TILES"]:
             order, cnt = _occupied_first(self.occupancy(block_m, block_n))
-            return dict(Idx=order, Cnt=cnt, W=order.shape[-1], NBLK=order.shape[1])
+            return dict(Idx=order, Cnt=cnt, W=order.shape[-1], NBLK=order.shape[1], BL=self.ints)
         if sel.path == LIST:
             cnt = topk.list_counts(sel.idx, p.Q, p.K, block_m, p.is_causal)
-            return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1])
+            return dict(Idx=sel.idx, Cnt=cnt, W=sel.idx.shape[-1], NBLK=cnt.shape[-1], BL=self.ints)
         if sel.path == PREFIX:
-            idx, cnt = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m)
-            return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1])
-        return dict(Idx=self.ints, Cnt=self.ints, W=0, NBLK=1)
+            sb = self.strides[12:16]
+            bias = (self.bias, sb[0], sb[1], sb[3], sel.H_s) if self.flags["HAS_BIAS"] else None
+            idx, cnt, bl = block_lists(sel.death.view(-1, p.K), p.Q, p.effective_window, block_m, bias)
+            return dict(Idx=idx, Cnt=cnt, W=idx.shape[-1], NBLK=cnt.shape[1], BL=bl if bl is not None else self.ints)
+        return dict(Idx=self.ints, Cnt=self.ints, W=0, NBLK=1, BL=self.ints)
 
     def key_tiles(self, block_m: int, block_n: int) -> dict:
         """The keys the dk/dv kernel tiles: Idx, Cnt, W, and how many keys to cover (n_keys).
@@ -1180,9 +1292,10 @@ def forward(p, q, k, v, bias, mask, out: torch.Tensor, lse: torch.Tensor) -> Non
 # with TMA descriptors, 1.59 ms compact with pointer loads; T8k 0.336 / 0.255-0.290 / 0.277 ms.
 # Outputs are bitwise equal to the gathering forward's (same tiles, same arithmetic order).
 COMPACT_LIST = True
-# Whether the compact forward loads key and value tiles through tensor descriptors (TMA on sm_90):
-# None picks them on CUDA devices of compute capability 9 or more when D is a power of two >= 16
-# (a descriptor's block must span the row); True/False force it (the interpreter runs both).
+# Whether the compact forward and dq load key and value tiles, and the dk/dv kernel its q and dO
+# tiles (``_row_descriptors``), through tensor descriptors (TMA on sm_90): None picks them on CUDA
+# devices of compute capability 9 or more when D is a power of two >= 16 (a descriptor's block
+# must span the row); True/False force it (the interpreter runs both).
 COMPACT_DESC = None
 
 
@@ -1245,7 +1358,7 @@ def _compact_prefix(a: "_Launch", bm: int, bn: int) -> tuple[dict, dict]:
         from triton.tools.tensor_descriptor import TensorDescriptor
         kc = TensorDescriptor.from_tensor(kc, block_shape=[bn, p.D])
         vc = TensorDescriptor.from_tensor(vc, block_shape=[bn, p.D])
-    lists = dict(Idx=idx, Cnt=meta, W=lw, NBLK=meta.shape[1])
+    lists = dict(Idx=idx, Cnt=meta, W=lw, NBLK=meta.shape[1], BL=a.ints)
     compact = dict(KC=kc, VC=vc, BC=bc, CH=ch, WC=wc, NSB=nsb, SBG=g, COMPACT=True, USE_DESC=use_desc)
     return lists, compact
 
@@ -1262,6 +1375,29 @@ def _use_desc(q: torch.Tensor, D: int) -> bool:
         return COMPACT_DESC and D == _head_block(D)
     return (q.device.type == "cuda" and D == _head_block(D)
             and topk._properties(q.device.index).major >= 9)
+
+
+def _row_descriptors(q: torch.Tensor, dout: torch.Tensor, block_m: int, D: int) -> dict:
+    """The dk/dv kernel's q and dO tiles through 4-D tensor descriptors (block [1, block_m, 1, D]):
+    where ``_use_desc`` allows them and both tensors meet TMA's rules (last dim contiguous, the
+    other strides positive and 16-byte multiples, the base 16-byte aligned; an expanded dO, stride
+    0, keeps the pointer loads); otherwise the kernel's pointer loads (Q_DESC False).
+
+    Each q/dO tile is then one TMA copy instead of per-row cp.async copies and their 64-bit
+    address arithmetic. sm_90a SASS with Triton 3.6 (benchmarks/triton_sass.py, T-like bf16
+    D 128): the global scope's FULL loop went from 805 to 728 instructions per 128 x 64 step (its
+    tested loop 1020 to 954, stack 528 to 176 bytes), the visible scope's (64 x 64) from 812 to
+    727 (tested 1042 to 1064). Triton 3.9 gives 923 -> 754 and 902 -> 738."""
+    ok = _use_desc(q, D) and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in (q, dout))
+    if not ok:
+        return dict(Q_DESC=False)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    block = [1, block_m, 1, D]
+    return dict(QD=TensorDescriptor.from_tensor(q, block_shape=block),
+                DOD=TensorDescriptor.from_tensor(dout, block_shape=block), Q_DESC=True)
 
 
 def _compact_lists(a: "_Launch", bn: int) -> dict:
@@ -1388,6 +1524,8 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
         ds = torch.zeros(p.B, p.H, p.Q, p.K, dtype=torch.float32, device=dev) if write_ds else delta
         lists = a.query_lists(bm, bn)
+        # The PREFIX dq tiles have no dS output either: that path's bias is query-broadcast.
+        assert not (write_ds and a.sel.path == PREFIX), "PREFIX path with a per-query bias"
         if COMPACT_DQ and a.sel.path == LIST:
             # The LIST path's bias is query-broadcast (selection.py), so no dS per element is wanted:
             # the compact dq tile has no dS output.
@@ -1429,12 +1567,13 @@ def backward(p, dout, q, k, v, bias, mask, out, lse, dq, dk, dv, dbias) -> None:
         db = torch.zeros(p.B, p.H, p.K, dtype=torch.float32, device=dev) if write_db else delta
         tiles, n_keys = a.key_tiles(bm, bn)
         grid = (p.B * p.H // n_heads, triton.cdiv(n_keys, bn))
+        qdesc = _row_descriptors(q, dout, bm, p.D)
         dma_bwd_dkdv_kernel[grid](
             q, k, v, a.bias, a.mask, dout, lse, delta, dk_buf, dv_buf, db, tiles.pop("Idx"), tiles.pop("Cnt"),
             a.tv, a.ti, a.death, *a.strides, *dout.stride(), **a.sizes, **tiles, N_HEADS=n_heads,
             H_OUT=h_out, **a.scalars,
             BLOCK_M=bm, BLOCK_N=bn, **a.flags, WRITE_DKDV=dk is not None or dv is not None,
-            WRITE_DB=write_db, BY_POSITION=by_position, **cfg)
+            WRITE_DB=write_db, BY_POSITION=by_position, **qdesc, **cfg)
         if by_position and (dk is not None or dv is not None):
             width, bp = a.sel.idx.shape[-1], 32 if INTERPRETED else 64
             dkdv_gather_kernel[(p.B * p.H_kv, triton.cdiv(width, bp))](

@@ -187,14 +187,17 @@ def prefix_death_kernel(X, Rank, T, NA, Death, K, W, NC, NB, R: tl.constexpr, P:
 
 
 @triton.jit
-def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: tl.constexpr, TILE: tl.constexpr):
+def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Bias, BL, sbb, sbh, sbn, H_S, HB, Q, K, NBLK, LW,
+                        BLOCK_M: tl.constexpr, TILE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Program (query block, row): the keys alive for at least one query of the block into
     Idx[row, block, :count], in two ascending runs: first the keys every query of the block sees
     (at or before its first query's causal position, dying after its last), then the rest; into
     Cnt[row, block] the pair (count, length of the first run). Keys (rows, K): the row's ever-alive
     keys (death_j > j) in ascending order, then the others; Before (rows, K): how many ever-alive
     keys are at or before each position. Only ever-alive keys can be alive, so the scans walk
-    those at or before the block's last limit, not the whole prefix."""
+    those at or before the block's last limit, not the whole prefix. HAS_BIAS: also each listed
+    key's bias value into BL at its slot (row b_s * H_S + h_s reads bias head h_s * HB // H_S), so
+    the attention kernels read a tile's bias values contiguously instead of gathering them."""
     blk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     off = K - Q
@@ -202,6 +205,8 @@ def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: 
     c_hi = tl.minimum(blk * BLOCK_M + BLOCK_M, Q) - 1 + off
     end = tl.load(Before + row * K + tl.minimum(c_hi, K - 1), mask=c_hi >= 0, other=0)
     out = Idx + (row * NBLK + blk) * LW
+    bl_out = BL + (row * NBLK + blk) * LW
+    bias_row = Bias + (row // H_S) * sbb + (row % H_S * HB // H_S) * sbh
     n = tl.full([], 0, tl.int32)
     for start in range(0, end, TILE):  # the keys alive for the whole block
         t = start + tl.arange(0, TILE)  # [TILE]
@@ -211,6 +216,8 @@ def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: 
         keep = ok & (j <= c_lo) & (d > c_hi)
         slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, j, mask=keep)
+        if HAS_BIAS:
+            tl.store(bl_out + slot, tl.load(bias_row + j.to(tl.int64) * sbn, mask=keep), mask=keep)
         n += tl.sum(keep.to(tl.int32), 0)
     n_full = n
     for start in range(0, end, TILE):  # the keys born or dying inside the block
@@ -221,6 +228,8 @@ def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Q, K, NBLK, LW, BLOCK_M: 
         keep = ok & (d > c_lo) & ((j > c_lo) | (d <= c_hi))
         slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, j, mask=keep)
+        if HAS_BIAS:
+            tl.store(bl_out + slot, tl.load(bias_row + j.to(tl.int64) * sbn, mask=keep), mask=keep)
         n += tl.sum(keep.to(tl.int32), 0)
     tl.store(Cnt + (row * NBLK + blk) * 2, n)
     tl.store(Cnt + (row * NBLK + blk) * 2 + 1, n_full)
@@ -259,12 +268,15 @@ LISTS_TILE = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
 LISTS_WARPS = 4
 
 
-def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int, bias=None):
     """Per (row, query block of ``block_m``): the alive keys, int32 (rows, NBLK, LW) with
     LW = min(K, window + block_m) (entries past the count are unset), as two ascending runs: the
-    keys every query of the block sees, then those born or dying inside it; and int32
-    (rows, NBLK, 2): the count and the first run's length. The attention kernels skip the
-    per-element visibility test on the first run.
+    keys every query of the block sees, then those born or dying inside it; int32 (rows, NBLK, 2):
+    the count and the first run's length (the attention kernels skip the per-element visibility
+    test on the first run); and the listed keys' bias values in a (rows, NBLK, LW) tensor of the
+    bias's dtype, slot for slot, when ``bias`` = (tensor, stride of its batch (0 when broadcast),
+    of its head, of its key, H_S the selection heads) is given, else None. Row r = b_s * H_S + h_s
+    reads bias head h_s * heads // H_S, as the kernels do.
 
     The kernel scans the row's ever-alive keys (compacted here, ascending), about
     w * (1 + ln(c / w)) of the c keys before a block for a random bias, not the whole prefix: at
@@ -281,9 +293,16 @@ def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int) -> tuple
     keys = torch.empty_like(death).scatter_(1, slot.long(), j.expand(rows, K))
     idx = torch.empty(rows, nblk, lw, dtype=torch.int32, device=death.device)
     cnt = torch.empty(rows, nblk, 2, dtype=torch.int32, device=death.device)
-    prefix_lists_kernel[(nblk, rows)](death, keys, before, idx, cnt, Q, K, nblk, lw, BLOCK_M=block_m,
-                                      TILE=LISTS_TILE, num_warps=LISTS_WARPS)
-    return idx, cnt
+    if bias is None:
+        values, bl, strides, h_s, heads = death, None, (0, 0, 0), 1, 1
+    else:
+        values, sbb, sbh, sbn, h_s = bias
+        bl = torch.empty(rows, nblk, lw, dtype=values.dtype, device=death.device)
+        strides, heads = (sbb, sbh, sbn), values.shape[1]
+    prefix_lists_kernel[(nblk, rows)](death, keys, before, idx, cnt, values, death if bl is None else bl, *strides,
+                                      h_s, heads, Q, K, nblk, lw, BLOCK_M=block_m, TILE=LISTS_TILE,
+                                      HAS_BIAS=bl is not None, num_warps=LISTS_WARPS)
+    return idx, cnt, bl
 
 
 def order_chunk(window: int, block_n: int) -> int:

@@ -19,6 +19,9 @@ What one run does, per workload (bf16, random data, never zeros):
    include their selection; FlexAttention's selection (per-key tables plus ``create_block_mask``) is
    timed on its own and added to its attention-only time, both are reported. For dmattn rows the
    selection column times ``dmattn.topk_indices`` as a proxy (the backends select inside the call).
+   Decode rows (Q = 1, forward) also time one call captured in a CUDA graph and replayed
+   (``graph_ms``): the GPU time without the host's launch work, which dominates an eager decode
+   call of every implementation; a serving loop that captures its decode step pays that.
 3. Report: median ms, useful TFLOP/s (only visible (query, key) pairs count: 4*D*pairs forward,
    3.5x that for fwd+bwd), peak GPU memory above the inputs, ratios against the faster dense peer;
    a JSON file, a Markdown file and a PNG plot (time against sequence length, the T family) named
@@ -614,6 +617,28 @@ def bench_ms(fn, device, warmup_ms: float, rep_ms: float, grad_to_none=None) -> 
     return statistics.median(times)
 
 
+def graph_ms(fn, device, warmup_ms: float, rep_ms: float) -> tuple[Optional[float], Optional[str]]:
+    """Median milliseconds of replaying one call of ``fn`` captured in a CUDA graph: the GPU time of
+    the call without the host's launch work, which is most of an eager decode call's time (for
+    dmattn as for the dense peers). Returns (None, why) when the capture fails."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = bench_ms(graph.replay, device, warmup_ms, rep_ms)
+        del graph
+        return ms, None
+    except Exception as exc:  # noqa: BLE001  (a peer that cannot be captured gets its reason)
+        _sync(device)
+        return None, _short(exc, 160)
+
+
 def peak_mib(fn, device) -> Optional[float]:
     """Peak memory one call allocates above what is live before it (the inputs), in MiB."""
     if device.type != "cuda":
@@ -663,6 +688,10 @@ def time_impl(name: str, build, x: dict, wl: Workload, pas: str, device, args, s
                 sel_cache[key] = bench_ms(runner.select, device, args.warmup_ms, args.rep_ms)
         row["selection_ms"] = sel_cache[key]
         row["selection_what"] = runner.select_note
+    if device.type == "cuda" and not grad and wl.Q == 1 and runner.e2e is None:
+        row["graph_ms"], why = graph_ms(attn, device, args.warmup_ms, args.rep_ms)
+        if why:
+            row["notes"].append(f"no CUDA-graph time: {why}")
     if runner.e2e is not None:  # Flex: the selection is not inside fn; e2e = selection + attention
         row["attn_ms"] = ms
         row["ms"] = ms + row["selection_ms"]
@@ -753,6 +782,12 @@ def markdown(report: dict) -> str:
             ratio = f"{ref['ms'] / r['ms']:.2f}x" if ref else "-"
             lines.append(f"| {wl} | {pas} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r.get('attn_ms'))} | "
                          f"{_fmt(r.get('selection_ms'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('peak_mib'))} | {ratio} |")
+    graphs = [r for r in report["results"] if r["status"] == "ok" and r.get("graph_ms") is not None]
+    if graphs:
+        lines += ["", "Decode in a CUDA graph (replay of one captured call: its GPU time without the host's "
+                  "launch work; eager = the ms above):", "", "| workload | impl | eager ms | graph ms |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} |" for r in graphs]
     lines += ["", "Not timed (reasons):", ""]
     seen = set()
     for r in report["results"]:
@@ -969,6 +1004,7 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                 if row["status"] == "ok":
                     extra = f" sel {row['selection_ms']:.3f}" if "selection_ms" in row else ""
+                    extra += f" graph {row['graph_ms']:.3f}" if row.get("graph_ms") is not None else ""
                     print(f"[{time.monotonic() - start:6.1f}s] {wl.name:<16} {pas:<7} {name:<16} "
                           f"{row['ms']:9.3f} ms{extra}  {row['tflops']:7.1f} TFLOP/s", flush=True)
                 else:
