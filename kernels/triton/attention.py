@@ -358,6 +358,22 @@ def _compact_rows(C, c_off, start, n_ok, offs_d, D: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _list_scores(q, k, pos, n_ok, B, base, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                 UPCAST: tl.constexpr, FULL: tl.constexpr):
+    """Base-2 scores of a tile of list positions ``pos`` (real where ``n_ok``; all real on FULL
+    tiles) with the bias values read contiguously from B + base + pos: the compact LIST buffers and
+    the PREFIX block lists' copies. The bias is added before any -inf select, as in ``_scores``."""
+    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        if FULL:
+            braw = tl.load(B + base + pos)
+        else:
+            braw = tl.load(B + base + pos, mask=n_ok, other=0.0)
+        s = s + braw[None, :].to(tl.float32) * LOG2E
+    return s, t
+
+
+@triton.jit
 def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off, K, scale, softcap, Dth, drow,
                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                     FULL: tl.constexpr, PREFIX: tl.constexpr = False):
@@ -367,13 +383,7 @@ def _compact_scores(q, k, pos, n_ok, Idx, idx_row, BC, c_off, offs_m, m_ok, off,
     added before the -inf select), so the compact kernels match the gathering ones to the bit.
     PREFIX (the visible scope's super-block lists): a tested tile also loads its keys' death
     positions (row ``drow`` of Dth) and tests ``c_i < death_j``."""
-    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        if FULL:
-            braw = tl.load(BC + c_off + pos)
-        else:
-            braw = tl.load(BC + c_off + pos, mask=n_ok, other=0.0)
-        s = s + braw[None, :].to(tl.float32) * LOG2E
+    s, t = _list_scores(q, k, pos, n_ok, BC, c_off, scale, softcap, HAS_BIAS, SOFTCAP, UPCAST, FULL)
     if not FULL:
         vis = m_ok[:, None] & n_ok[None, :]  # [BLOCK_M, BLOCK_N]
         if IS_CAUSAL:
@@ -446,13 +456,7 @@ def _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, 
     list positions ``pos``; on tested tiles the causal and death tests of the tile's own key
     indices ``offs_n``, loaded once for the gather too. Same arithmetic in the same order as
     ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
-    s, t = _base2_scores(_dot(q, tl.trans(k), UPCAST), scale, softcap, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        if FULL:
-            braw = tl.load(BL + idx_row + pos)
-        else:
-            braw = tl.load(BL + idx_row + pos, mask=n_ok, other=0.0)
-        s = s + braw[None, :].to(tl.float32) * LOG2E
+    s, t = _list_scores(q, k, pos, n_ok, BL, idx_row, scale, softcap, HAS_BIAS, SOFTCAP, UPCAST, FULL)
     if not FULL:
         # j <= c_i < death_j alone decides: padding entries read death 0, and rows past Q have
         # limits >= K >= every death, so the row and entry bounds need no terms of their own
