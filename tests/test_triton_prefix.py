@@ -104,9 +104,10 @@ def test_block_lists_and_order(device, tile, monkeypatch):
         # The bias values ride along: two heads for the two rows, and one head shared by both read
         # through a key stride of 2.
         two = torch.randn(1, 2, 1, K, generator=g, dtype=torch.float64).to(torch.bfloat16)
-        one = torch.randn(1, 1, 1, 2 * K, generator=g)[..., ::2]
+        # The stride-2 view is taken on the device: ``.to`` of a strided CPU view makes it contiguous.
+        one = torch.randn(1, 1, 1, 2 * K, generator=g).to(device)[..., ::2]
         idx, cnt, bl = prefix.block_lists(death, Q, w, bm, bias=(two.to(device), 0, K, 1, 2))
-        idx1, cnt1, bl1 = prefix.block_lists(death, Q, w, bm, bias=(one.to(device), 0, 2 * K, 2, 2))
+        idx1, cnt1, bl1 = prefix.block_lists(death, Q, w, bm, bias=(one, 0, 2 * K, 2, 2))
         assert torch.equal(cnt1, cnt) and prefix.block_lists(death, Q, w, bm)[2] is None
         assert idx.shape == (2, -(-Q // bm), min(K, w + bm)) and cnt.shape == (2, idx.shape[1], 2)
         assert bl.shape == idx.shape and bl.dtype == torch.bfloat16 and bl1.dtype == torch.float32
@@ -123,7 +124,7 @@ def test_block_lists_and_order(device, tile, monkeypatch):
             assert torch.equal(got[:n_full], j[whole]) and torch.equal(got[n_full:], j[alive & ~whole])
             assert torch.equal(idx1[r, b, :n].cpu().long(), got)
             assert torch.equal(bl[r, b, :n].cpu(), two[0, r, 0, got])
-            assert torch.equal(bl1[r, b, :n].cpu(), one[0, 0, 0, got])
+            assert torch.equal(bl1[r, b, :n].cpu(), one[0, 0, 0, got].cpu())
         for bn in (16, 32):
             order, alive = prefix.alive_order(death, w, bn)
             chunk = prefix.order_chunk(w, bn)

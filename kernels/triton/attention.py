@@ -1381,6 +1381,14 @@ def _use_desc(q: torch.Tensor, D: int) -> bool:
             and topk._properties(q.device.index).major >= 9)
 
 
+# Whether the dk/dv kernel loads its q and dO tiles through tensor descriptors (``_row_descriptors``).
+# Off: fewer instructions per tile in the SASS, but slower on the GPU. Measured on an H200 (bf16,
+# H 32, H_kv 8, D 128, causal, fwd+bwd from the bias, two alternating rounds against the pointer
+# loads; benchmarks/results/triton-ab-h200-2026-11-29.json): T32k global 7.83 / 7.82 ms with pointer
+# loads, 8.25 / 8.26 with descriptors. The tests run both (tests/test_triton_dkdv_desc.py).
+DKDV_DESC = False
+
+
 def _row_descriptors(q: torch.Tensor, dout: torch.Tensor, block_m: int, D: int) -> dict:
     """The dk/dv kernel's q and dO tiles through 4-D tensor descriptors (block [1, block_m, 1, D]):
     where ``_use_desc`` allows them and both tensors meet TMA's rules (last dim contiguous, the
@@ -1392,7 +1400,7 @@ def _row_descriptors(q: torch.Tensor, dout: torch.Tensor, block_m: int, D: int) 
     D 128): the global scope's FULL loop went from 805 to 728 instructions per 128 x 64 step (its
     tested loop 1020 to 954, stack 528 to 176 bytes), the visible scope's (64 x 64) from 812 to
     727 (tested 1042 to 1064). Triton 3.9 gives 923 -> 754 and 902 -> 738."""
-    ok = _use_desc(q, D) and all(
+    ok = DKDV_DESC and _use_desc(q, D) and all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
         for t in (q, dout))
