@@ -93,6 +93,23 @@ def test_rank_order_is_the_stable_sort(K, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("K", [1, 7, 1100, 32768, 32769])
+def test_keys_kernel_matches_the_definition(K, dtype, device):
+    """``packed_keys`` (one kernel) gives ``packed_keys_reference``'s keys bit for bit: int32 and
+    int64 layouts, ties, -0.0 and -inf, a mask per row and one shared by the rows (stride 0), and
+    values read through a key stride of 2."""
+    g = torch.Generator().manual_seed(13)
+    wide = _values(2, 2 * K, "ties", dtype, g)
+    wide[1] = torch.randn(2 * K, generator=g).to(dtype)
+    for values in (wide[:, :K], wide[:, ::2]):
+        for allowed in (None, torch.rand(2, K, generator=g) < 0.5, (torch.rand(1, K, generator=g) < 0.5).expand(2, K)):
+            want = prefix.packed_keys_reference(values, allowed)
+            got = prefix.packed_keys(values.to(device), None if allowed is None else allowed.to(device))
+            assert got.dtype == want.dtype and torch.equal(got.cpu(), want), (K, dtype, allowed is None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile", [16, None], ids=["tile16", "default"])
 def test_block_lists_and_order(device, tile, monkeypatch):
     if tile is not None:  # many scan steps per block

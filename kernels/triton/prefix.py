@@ -50,37 +50,122 @@ def _order_keys(values: torch.Tensor) -> torch.Tensor:
 
 
 _NARROW_BITS = {torch.float16: (16, torch.int16), torch.bfloat16: (16, torch.int16), torch.float32: (32, torch.int32)}
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _key_layout(dtype: torch.dtype, K: int):
+    """(value bits kb, position bits b, key dtype) of the packed rank keys for ``dtype`` values,
+    or None where ``rank_order`` takes a stable sort instead (float64)."""
+    if dtype not in _NARROW_BITS:
+        return None
+    kb = _NARROW_BITS[dtype][0]
+    b = max(1, (K - 1).bit_length())
+    if kb + b > 63:
+        return None
+    return kb, b, torch.int32 if kb + b <= 31 else torch.int64
+
+
+def packed_keys_reference(values: torch.Tensor, allowed) -> torch.Tensor:
+    """The unique rank keys ``order << b | (K - 1 - j)`` of (rows, K) 16-bit or float32 values
+    (``_key_layout``), with torch ops: ``order`` is the value's bits mapped to [0, 2**kb) in the
+    values' order (-0.0 folded onto +0.0, negatives' magnitude bits flipped), so a larger key is
+    a better key (bias descending, then position ascending); masked-out keys take the negative
+    range, ``K - 1 - j`` plus the key dtype's minimum, below every allowed key. This is their
+    definition; ``packed_keys`` computes them with one kernel (the tests compare the two)."""
+    rows, K = values.shape
+    kb, b, key_dtype = _key_layout(values.dtype, K)
+    bits = values.view(_NARROW_BITS[values.dtype][1]).to(key_dtype)  # sign-extended
+    bits = torch.where(bits == -(1 << (kb - 1)), 0, bits)  # -0.0 -> +0.0
+    flip = (1 << (kb - 1)) - 1
+    order = torch.where(bits < 0, bits ^ flip, bits) + (1 << (kb - 1))  # in [0, 2**kb)
+    tie = (K - 1) - torch.arange(K, device=values.device, dtype=key_dtype)  # earlier positions rank higher
+    keys = (order << b) | tie
+    if allowed is not None:
+        keys = torch.where(allowed.expand(rows, K), keys, tie + torch.iinfo(key_dtype).min)
+    return keys
+
+
+@triton.jit
+def prefix_keys_kernel(Bits, Allowed, Keys, K, sv_row, sv_key, sa_row, sa_key, KB: tl.constexpr, B: tl.constexpr,
+                       WIDE: tl.constexpr, HAS_ALLOWED: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (block of keys, row): ``packed_keys_reference`` of one block of a row. Bits: the values'
+    bits (int16 or int32), Allowed: uint8, both read through (row, key) strides; Keys (rows, K)
+    int32, or int64 with WIDE."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    row = tl.program_id(1).to(tl.int64)
+    ok = j < K
+    raw = tl.load(Bits + row * sv_row + j.to(tl.int64) * sv_key, mask=ok, other=0)
+    if WIDE:
+        v = raw.to(tl.int64)
+        tie = ((K - 1) - j).to(tl.int64)
+        masked = tie - 9223372036854775807 - 1  # tie + the int64 minimum
+    else:
+        v = raw.to(tl.int32)
+        tie = (K - 1) - j
+        masked = tie - 2147483647 - 1
+    v = tl.where(v == -(1 << (KB - 1)), 0, v)  # -0.0 -> +0.0
+    order = tl.where(v < 0, v ^ ((1 << (KB - 1)) - 1), v) + (1 << (KB - 1))
+    key = (order << B) | tie
+    if HAS_ALLOWED:
+        a = tl.load(Allowed + row * sa_row + j.to(tl.int64) * sa_key, mask=ok, other=0)
+        key = tl.where(a != 0, key, masked)
+    tl.store(Keys + row * K + j, key, mask=ok)
+
+
+def _runs_kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda or _INTERPRETED
+
+
+def packed_keys(values: torch.Tensor, allowed) -> torch.Tensor:
+    """``packed_keys_reference`` of (rows, K) 16-bit or float32 values; on a GPU (or under the
+    interpreter) from ``prefix_keys_kernel``: one launch in place of a dozen elementwise torch ops,
+    which are host time on short visible-scope calls."""
+    rows, K = values.shape
+    if not _runs_kernels(values):
+        return packed_keys_reference(values, allowed)
+    kb, b, key_dtype = _key_layout(values.dtype, K)
+    keys = torch.empty(rows, K, dtype=key_dtype, device=values.device)
+    bits = values.view(_NARROW_BITS[values.dtype][1])
+    if allowed is None:
+        a, sa = bits, (0, 0)
+    else:
+        allowed = allowed.expand(rows, K)
+        a, sa = allowed.view(torch.uint8), (allowed.stride(0), allowed.stride(1))
+    block = 1024
+    prefix_keys_kernel[(triton.cdiv(K, block), rows)](bits, a, keys, K, bits.stride(0), bits.stride(1), *sa, KB=kb, B=b,
+                                                     WIDE=key_dtype == torch.int64, HAS_ALLOWED=allowed is not None,
+                                                     BLOCK=block, num_warps=4)
+    return keys
+
+
+def sorted_keys(values: torch.Tensor, allowed):
+    """The packed keys (``packed_keys``) of each row sorted best first, (rows, K), and their
+    position bits b; None for float64 values."""
+    layout = _key_layout(values.dtype, values.shape[1])
+    if layout is None:
+        return None
+    # The keys are unique, so any sort gives the one order.
+    return packed_keys(values, allowed).sort(dim=-1, descending=True).values, layout[1]
 
 
 def rank_order(values: torch.Tensor, allowed) -> torch.Tensor:
     """int32 (rows, K): the positions of each row's keys best first (bias descending, then
     position ascending), the masked-out keys last.
 
-    16-bit and float32 values sort one unique integer per key, ``order << b | (K - 1 - j)`` with
-    ``b`` the position bits: int32 for 16-bit values up to K = 32768 (a radix sort of half the
-    passes of int64), int64 otherwise; masked keys take the negative range, below every real key.
-    float64 values take a stable sort of ``_order_keys``."""
+    16-bit and float32 values sort one unique integer per key (``packed_keys``): int32 for 16-bit
+    values up to K = 32768 (a radix sort of half the passes of int64), int64 otherwise; a key's
+    low b bits give back its position. float64 values take a stable sort of ``_order_keys``.
+    ``death_positions`` decodes the sorted keys inside its first kernel instead of calling this."""
     rows, K = values.shape
-    if allowed is not None:
-        allowed = allowed.expand(rows, K)
-    b = max(1, (K - 1).bit_length())
-    if values.dtype not in _NARROW_BITS or _NARROW_BITS[values.dtype][0] + b > 63:
+    s = sorted_keys(values, allowed)
+    if s is None:
         keys = _order_keys(values)
         if allowed is not None:
-            keys = torch.where(allowed, keys, _INT64_MIN)
+            keys = torch.where(allowed.expand(rows, K), keys, _INT64_MIN)
         # Stable descending sort: equal values keep ascending position order, the SPEC's tie rule.
         return keys.sort(dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
-    kb, bits_dtype = _NARROW_BITS[values.dtype]
-    key_dtype = torch.int32 if kb + b <= 31 else torch.int64
-    bits = (values + 0.0).view(bits_dtype).to(key_dtype)  # + 0.0 folds -0.0 onto +0.0
-    flip = (1 << (kb - 1)) - 1
-    order = torch.where(bits < 0, bits ^ flip, bits) + (1 << (kb - 1))  # in [0, 2**kb), the values' order
-    tie = (K - 1) - torch.arange(K, device=values.device, dtype=key_dtype)  # earlier positions rank higher
-    keys = (order << b) | tie
-    if allowed is not None:
-        keys = torch.where(allowed, keys, tie + torch.iinfo(key_dtype).min)
-    # The keys are unique, so any sort gives the one order.
-    return keys.sort(dim=-1, descending=True).indices.to(torch.int32).contiguous()
+    keys, b = s
+    return ((K - 1) - (keys & ((1 << b) - 1))).to(torch.int32)
 
 
 def _death_tiles(K: int) -> tuple[int, int]:
@@ -99,15 +184,24 @@ def _death_tiles(K: int) -> tuple[int, int]:
 
 
 @triton.jit
-def prefix_table_rows_kernel(X, T, K, NC, NB, R: tl.constexpr, P: tl.constexpr, BB: tl.constexpr):
+def prefix_table_rows_kernel(S, X, Rank, T, K, NC, NB, R: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
+                             FROM_KEYS: tl.constexpr, POS_MASK: tl.constexpr):
     """Program (c, row): T[row, c, b] = #{ranks c*R .. c*R+R-1 with position < b*P} for b = 0..NB,
-    the rank chunk's own counts (``prefix_table_scan_kernel`` then sums them over earlier chunks).
-    X (rows, K) int32: the position of each rank."""
+    the rank chunk's own counts (``prefix_table_scan_kernel`` then sums them over earlier chunks),
+    and Rank[row, x] = r for each of the chunk's ranks r at position x. X (rows, K) int32: the
+    position of each rank; with FROM_KEYS it is written here, decoded from the row's sorted packed
+    keys S (``sorted_keys``: position K - 1 - (key & POS_MASK)), else read."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     r = c * R + tl.arange(0, R)  # [R]
     r_ok = r < K
-    x = tl.load(X + row * K + r, mask=r_ok, other=0)
+    if FROM_KEYS:
+        key = tl.load(S + row * K + r, mask=r_ok, other=0)
+        x = ((K - 1) - (key & POS_MASK)).to(tl.int32)
+        tl.store(X + row * K + r, x, mask=r_ok)
+    else:
+        x = tl.load(X + row * K + r, mask=r_ok, other=0)
+    tl.store(Rank + row * K + x, r, mask=r_ok)
     out = T + (row * NC + c) * (NB + 1)
     for b0 in range(0, NB + 1, BB):
         b = b0 + tl.arange(0, BB)  # [BB]
@@ -136,12 +230,12 @@ def prefix_table_scan_kernel(T, NC, NB, TC: tl.constexpr, BB: tl.constexpr):
 
 @triton.jit
 def prefix_death_kernel(X, Rank, T, NA, Death, K, W, NC, NB, R: tl.constexpr, P: tl.constexpr,
-                        PS: tl.constexpr, STEPS: tl.constexpr):
+                        PS: tl.constexpr, STEPS: tl.constexpr, HAS_NA: tl.constexpr):
     """Program (c, row): ``death`` of the keys with ranks c*R .. c*R+R-1 of one row.
 
     X (rows, K) int32: position of each rank (allowed keys first, best first). Rank (rows, K) int32:
     its inverse. T (rows, NC, NB+1) int32: T[c, b] = #{rank < c*R with position < b*P}.
-    NA (rows,) int32: the number of allowed keys."""
+    NA (rows,) int32: the number of allowed keys (HAS_NA; else every key is allowed)."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     t = tl.arange(0, R)  # [R]
@@ -149,7 +243,10 @@ def prefix_death_kernel(X, Rank, T, NA, Death, K, W, NC, NB, R: tl.constexpr, P:
     r_ok = r < K
     x = tl.load(X + row * K + r, mask=r_ok, other=0)  # [R] their positions
     xb = x // P  # [R] their buckets
-    n_allowed = tl.load(NA + row)
+    if HAS_NA:
+        n_allowed = tl.load(NA + row)
+    else:
+        n_allowed = K
     t_base = T + (row * NC + c) * (NB + 1)
     earlier = t[None, :] < t[:, None]  # [R, R]: rank t' of this program precedes rank t
 
@@ -193,7 +290,7 @@ def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Bias, BL, sbb, sbh, sbn, 
     Idx[row, block, :count], in two ascending runs: first the keys every query of the block sees
     (at or before its first query's causal position, dying after its last), then the rest; into
     Cnt[row, block] the pair (count, length of the first run). Keys (rows, K): the row's ever-alive
-    keys (death_j > j) in ascending order, then the others; Before (rows, K): how many ever-alive
+    keys (death_j > j) in ascending order (``prefix_ever_kernel``); Before (rows, K): how many ever-alive
     keys are at or before each position. Only ever-alive keys can be alive, so the scans walk
     those at or before the block's last limit, not the whole prefix. HAS_BIAS: also each listed
     key's bias value into BL at its slot (row b_s * H_S + h_s reads bias head h_s * HB // H_S), so
@@ -238,25 +335,30 @@ def prefix_lists_kernel(Death, Keys, Before, Idx, Cnt, Bias, BL, sbb, sbh, sbn, 
 def death_positions(values: torch.Tensor, allowed, window: int, tiles=None) -> torch.Tensor:
     """``death`` (rows, K) int32 for bias rows ``values`` (rows, K) and an optional bool
     ``allowed`` of the same shape (or broadcastable to it). ``window`` >= 1. ``tiles``: (R, P) of
-    the death kernel, powers of two >= 16 (default ``_death_tiles(K)``; tests vary it)."""
+    the death kernel, powers of two >= 16 (default ``_death_tiles(K)``; tests vary it).
+
+    Launches: the packed keys, their sort, then three kernels (the table's rows, which also decode
+    each rank's position and invert the order, its scan, the deaths); with a mask one reduction
+    more. Short calls are host-bound, so each torch op saved is host time saved."""
     rows, K = values.shape
+    dev = values.device
     if allowed is not None:
         allowed = allowed.expand(rows, K)
-    x = rank_order(values, allowed)
-    arange = torch.arange(K, device=values.device, dtype=torch.int32)
-    rank = torch.empty_like(x).scatter_(1, x.long(), arange.expand(rows, K))
-    n_allowed = (allowed.sum(-1, dtype=torch.int32) if allowed is not None
-                 else torch.full((rows,), K, dtype=torch.int32, device=values.device))
+    s = sorted_keys(values, allowed)
+    x = torch.empty(rows, K, dtype=torch.int32, device=dev) if s is not None else rank_order(values, allowed)
+    rank = torch.empty(rows, K, dtype=torch.int32, device=dev)
+    n_allowed = allowed.sum(-1, dtype=torch.int32) if allowed is not None else x
 
     R, P = tiles if tiles is not None else _death_tiles(K)
     nc, nb = triton.cdiv(K, R), triton.cdiv(K, P)
-    table = torch.empty(rows, nc, nb + 1, dtype=torch.int32, device=values.device)
-    prefix_table_rows_kernel[(nc, rows)](x, table, K, nc, nb, R=R, P=P, BB=128)
+    table = torch.empty(rows, nc, nb + 1, dtype=torch.int32, device=dev)
+    prefix_table_rows_kernel[(nc, rows)](x if s is None else s[0], x, rank, table, K, nc, nb, R=R, P=P, BB=128,
+                                         FROM_KEYS=s is not None, POS_MASK=0 if s is None else (1 << s[1]) - 1)
     prefix_table_scan_kernel[(triton.cdiv(nb + 1, 32), rows)](table, nc, nb, TC=128, BB=32)
-    death = torch.empty(rows, K, dtype=torch.int32, device=values.device)
+    death = torch.empty(rows, K, dtype=torch.int32, device=dev)
     steps = max(1, (nb - 1).bit_length())
     prefix_death_kernel[(nc, rows)](x, rank, table, n_allowed, death, K, window, nc, nb, R=R, P=P, PS=min(P, 64),
-                                    STEPS=steps, num_warps=1)
+                                    STEPS=steps, HAS_NA=allowed is not None, num_warps=1)
     return death
 
 
@@ -266,6 +368,28 @@ def death_positions(values: torch.Tensor, allowed, window: int, tiles=None) -> t
 # the whole-prefix scan before the ever-alive compaction), 2048 and 4096 with 8 or 16 warps 0.24-0.33.
 LISTS_TILE = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
 LISTS_WARPS = 4
+
+
+# Keys per step of prefix_ever_kernel (one program per row walks the whole row) and its warps.
+EVER_TILE = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+EVER_WARPS = 8
+
+
+@triton.jit
+def prefix_ever_kernel(Death, Keys, Before, K, TILE: tl.constexpr):
+    """Program row: the row's ever-alive keys (death_j > j) in ascending order into Keys[row, :n]
+    (the rest of the row is left unset), and Before[row, j] = how many of them are at or before j."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.full([], 0, tl.int32)
+    for start in range(0, K, TILE):
+        j = start + tl.arange(0, TILE)  # [TILE]
+        ok = j < K
+        d = tl.load(Death + row * K + j, mask=ok, other=0)
+        ever = (ok & (d > j)).to(tl.int32)
+        inclusive = n + tl.cumsum(ever, 0)  # [TILE]
+        tl.store(Keys + row * K + inclusive - 1, j, mask=ever != 0)
+        tl.store(Before + row * K + j, inclusive, mask=ok)
+        n += tl.sum(ever, 0)
 
 
 def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int, bias=None):
@@ -278,19 +402,16 @@ def block_lists(death: torch.Tensor, Q: int, window: int, block_m: int, bias=Non
     of its head, of its key, H_S the selection heads) is given, else None. Row r = b_s * H_S + h_s
     reads bias head h_s * heads // H_S, as the kernels do.
 
-    The kernel scans the row's ever-alive keys (compacted here, ascending), about
-    w * (1 + ln(c / w)) of the c keys before a block for a random bias, not the whole prefix: at
-    T32k on an H200 0.16 ms of GPU time (kernel 0.10, the compaction's cumsum 0.04) against 0.26
-    ms for the whole-prefix scan."""
+    The kernel scans the row's ever-alive keys (compacted first by ``prefix_ever_kernel``,
+    ascending), about w * (1 + ln(c / w)) of the c keys before a block for a random bias, not the
+    whole prefix: at T32k on an H200 0.16 ms of GPU time (kernel 0.10, and 0.04 for the compaction
+    when it was five torch ops) against 0.26 ms for the whole-prefix scan. Two launches in all."""
     rows, K = death.shape
     nblk = triton.cdiv(Q, block_m)
     lw = min(K, window + block_m)
-    j = torch.arange(K, device=death.device, dtype=torch.int32)
-    ever = death > j
-    before = ever.cumsum(-1, dtype=torch.int32)
-    # Ever-alive keys first, ascending, then the rest (a permutation: no two keys share a slot).
-    slot = torch.where(ever, before - 1, before[:, -1:] + j - before)
-    keys = torch.empty_like(death).scatter_(1, slot.long(), j.expand(rows, K))
+    keys = torch.empty_like(death)
+    before = torch.empty_like(death)
+    prefix_ever_kernel[(rows,)](death, keys, before, K, TILE=EVER_TILE, num_warps=EVER_WARPS)
     idx = torch.empty(rows, nblk, lw, dtype=torch.int32, device=death.device)
     cnt = torch.empty(rows, nblk, 2, dtype=torch.int32, device=death.device)
     if bias is None:
