@@ -242,3 +242,15 @@ def list_inputs(case: Case, dtype: torch.dtype):
     if mask is not None:
         mask[0, 0] = False
     return q, k, v, bias, mask
+
+
+def brute_death(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
+    """death_j = position of the w-th key, in position order, among the allowed keys better than j
+    (bias descending, then index ascending), or K; j for a masked key or one dead at birth."""
+    K = values.shape[-1]
+    v = values.double()
+    ok = torch.ones(K, dtype=torch.bool) if allowed is None else allowed
+    i = torch.arange(K)
+    better = ok[:, None] & ((v[:, None] > v[None, :]) | ((v[:, None] == v[None, :]) & (i[:, None] < i[None, :])))
+    death = (better.int().cumsum(0) < window).sum(0)  # first position where w better keys are in
+    return torch.where(ok, torch.maximum(death, i), i).to(torch.int32)

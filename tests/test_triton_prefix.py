@@ -9,22 +9,10 @@ import itertools
 import pytest
 import torch
 
-from cases import SELECTION_DEVICES
+from cases import SELECTION_DEVICES, brute_death
 from dmattn.kernels.triton import prefix
 
 DEVICES = SELECTION_DEVICES
-
-
-def brute_death(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
-    """death_j = position of the w-th key, in position order, among the allowed keys better than j
-    (bias descending, then index ascending), or K; j for a masked key or one dead at birth."""
-    K = values.shape[-1]
-    v = values.double()
-    ok = torch.ones(K, dtype=torch.bool) if allowed is None else allowed
-    i = torch.arange(K)
-    better = ok[:, None] & ((v[:, None] > v[None, :]) | ((v[:, None] == v[None, :]) & (i[:, None] < i[None, :])))
-    death = (better.int().cumsum(0) < window).sum(0)  # first position where w better keys are in
-    return torch.where(ok, torch.maximum(death, i), i).to(torch.int32)
 
 
 def _values(rows, K, kind, dtype, g):

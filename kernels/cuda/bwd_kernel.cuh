@@ -89,10 +89,10 @@ struct BwdTraits {
   static constexpr int kRowsElems = int(cosize(SmemLayoutRows{}));
   static constexpr int kColsElems = int(cosize(SmemLayoutCols{}));
   // Two fixed tiles, two stages of two streamed tiles, then per-row metadata: the dq kernel keeps
-  // a key and a bias value per streamed row and stage, the dk/dv kernel a key per fixed row and
-  // lse and delta per streamed row and stage.
+  // a key, a bias value and a death position per streamed row and stage, the dk/dv kernel a key
+  // and a death position per fixed row and lse and delta per streamed row and stage.
   static constexpr int kSmemTileBytes = (2 * kRowsElems + 4 * kColsElems) * int(sizeof(Element));
-  static constexpr int kSmemBytes = kSmemTileBytes + 16 * kCols + 4 * kRows;
+  static constexpr int kSmemBytes = kSmemTileBytes + 24 * kCols + 8 * kRows;
 };
 
 // cp.async of a tile of contiguous rows (view tXg, coordinates tXc); rows at or past `rows_left`
@@ -171,17 +171,10 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   const int off = p.K - p.Q;
   const int g = h / (p.H / p.H_kv);
 
-  const int32_t* list = nullptr;
-  int limit;
-  if (p.idx != nullptr) {
-    const int64_t row = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
-    list = p.idx + row * p.list_len;
-    limit = max(0, int(min(int64_t(p.counts[row * p.n_query_blocks + m_block]), p.list_len)));
-  } else if (p.causal) {
-    limit = max(0, min(min(m0 + kBlockM, p.Q) + off, p.K));
-  } else {
-    limit = p.K;
-  }
+  // The forward's walk: DENSE, LIST, or the block's own list and the death positions (PREFIX).
+  const int32_t* list;
+  const int32_t* death_row;
+  const int limit = fwd_impl::block_keys(p, b, h, m_block, kBlockM, &list, &death_row);
   const int n_tiles = (limit + kBlockN - 1) / kBlockN;
 
   Element* dq_ptr = static_cast<Element*>(p.dq);
@@ -222,6 +215,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   };
   int* sKey = reinterpret_cast<int*>(smem + Traits::kSmemTileBytes);  // [2][kBlockN], -1: not visible
   float* sBias = reinterpret_cast<float*>(sKey + 2 * kBlockN);        // [2][kBlockN]
+  int* sDeath = reinterpret_cast<int*>(sBias + 2 * kBlockN);          // [2][kBlockN], PREFIX
 
   // ---------------------------------------------------------------- global -> shared copies
   typename Traits::GmemCopyIn gmem_copy;
@@ -295,8 +289,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   cp_async_fence();
   {
     fwd_impl::KeyMeta<kLoadRows> meta;
-    meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
-    meta.store(tKVc, keys, meta_writer, sKey, sBias);
+    meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base, death_row);
+    meta.store(tKVc, keys, meta_writer, sKey, sBias, sDeath);
   }
 
   const bool write_ds = kPerQuery && p.ds != nullptr;
@@ -319,7 +313,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
       fwd_impl::load_rows(gmem_copy, tKgK, tKsK, p.k_stride[1], next_keys);
       fwd_impl::load_rows(gmem_copy, tVgV, tVsV, p.v_stride[1], next_keys);
       cp_async_fence();
-      next_meta.load(p, next_keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
+      next_meta.load(p, next_keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base, death_row);
     }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -336,11 +330,13 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
     int col_key[kColsT];
     float col_bias[kColsT];
+    int col_death[kColsT];
     CUTE_UNROLL
     for (int ni = 0; ni < kColsT; ++ni) {
       const int c = get<1>(c_rc(0, ni));
       col_key[ni] = sKey[stage * kBlockN + c];
       col_bias[ni] = sBias[stage * kBlockN + c];
+      col_death[ni] = sDeath[stage * kBlockN + c];
     }
     // dS overwrites dP: P (dP - delta), times the softcap factor.
     CUTE_UNROLL
@@ -351,7 +347,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
       CUTE_UNROLL
       for (int ni = 0; ni < kColsT; ++ni) {
         const int key = col_key[ni];
-        bool visible = row_ok && key >= 0 && key <= last_key;
+        bool visible = row_ok && key >= 0 && key <= last_key && last_key < col_death[ni];
         float s = s_rc(mi, ni) + col_bias[ni];
         if constexpr (kPerQuery) {
           if (visible && p.bias != nullptr && !bias_per_key) {
@@ -373,7 +369,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
     gemm_reg_smem(acc_dq, tdQrdS, tdQrKt, sthr_Bt.partition_S(sKt_at(stage)), tiled_mma, smem_copy_Bt, sthr_Bt);
 
     if (has_next) {
-      next_meta.store(tKVc, next_keys, meta_writer, sKey + (stage ^ 1) * kBlockN, sBias + (stage ^ 1) * kBlockN);
+      next_meta.store(tKVc, next_keys, meta_writer, sKey + (stage ^ 1) * kBlockN, sBias + (stage ^ 1) * kBlockN,
+                      sDeath + (stage ^ 1) * kBlockN);
       CUTE_UNROLL
       for (int m = 0; m < kLoadRows; ++m) keys[m] = next_keys[m];
     }
@@ -413,12 +410,21 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   const int tidx = threadIdx.x;
   const int off = p.K - p.Q;
 
+  // LIST: the row's list; PREFIX: the row's ever-alive keys (death_j > j), ascending, and their
+  // count; DENSE: contiguous keys.
   const int32_t* list = nullptr;
+  const int32_t* death_row = nullptr;
   int limit = p.K;
   if (p.idx != nullptr) {
-    const int64_t row0 = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h0) * p.sel_heads / p.H;
-    list = p.idx + row0 * p.list_len;
-    limit = int(p.list_len);
+    const int64_t row0 = fwd_impl::selection_row(p, b, h0);
+    if (p.death != nullptr) {
+      list = p.dkdv_keys + row0 * p.K;
+      limit = p.dkdv_before[row0 * p.K + p.K - 1];
+      death_row = p.death + row0 * p.K;
+    } else {
+      list = p.idx + row0 * p.list_len;
+      limit = int(p.list_len);
+    }
   }
 
   const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
@@ -445,6 +451,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   float* sLse = reinterpret_cast<float*>(smem + Traits::kSmemTileBytes);  // [2][kBlockM], base 2
   float* sDelta = sLse + 2 * kBlockM;                                      // [2][kBlockM]
   int* sKeyOut = reinterpret_cast<int*>(sDelta + 2 * kBlockM);            // [kBlockN], -1: no key
+  int* sDeathOut = sKeyOut + kBlockN;                                      // [kBlockN], PREFIX
 
   // ---------------------------------------------------------------- K, V and the tile's keys
   typename Traits::GmemCopyIn gmem_copy;
@@ -463,23 +470,34 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     cp_async_fence();
     if (get<1>(tKVc(0, 0, 0)) == 0) {
       CUTE_UNROLL
-      for (int m = 0; m < kLoadRowsK; ++m) sKeyOut[get<0>(tKVc(0, m, 0))] = keys[m];
+      for (int m = 0; m < kLoadRowsK; ++m) {
+        const int r = get<0>(tKVc(0, m, 0));
+        sKeyOut[r] = keys[m];
+        sDeathOut[r] = death_row != nullptr && keys[m] >= 0 ? __ldg(death_row + keys[m]) : fwd_impl::kNoDeath;
+      }
     }
   }
-  __syncthreads();  // sKeyOut visible
+  __syncthreads();  // sKeyOut, sDeathOut visible
 
-  // Queries before the causal reach of the tile's smallest key see none of its keys.
+  // Queries before the causal reach of the tile's smallest key see none of its keys; on the PREFIX
+  // path neither do those at or past the latest death.
   int first_key = p.K;
+  int last_death = 0;
   for (int r = 0; r < kBlockN; ++r) {
     const int key = sKeyOut[r];
-    if (key >= 0) first_key = min(first_key, key);
+    if (key >= 0) {
+      first_key = min(first_key, key);
+      last_death = max(last_death, sDeathOut[r]);
+    }
   }
-  if (first_key == p.K) {  // only padding: the caller's zeros stand (LIST)
+  if (first_key == p.K) {  // only padding: the caller's zeros stand (LIST, PREFIX)
     cp_async_wait<0>();      // no copy may land in shared memory the block no longer owns
     return;
   }
   const int m_lo = p.causal ? max(first_key - off, 0) / kBlockM * kBlockM : 0;
-  const int n_qblocks = (p.Q - m_lo + kBlockM - 1) / kBlockM;
+  // Queries m < m_hi can see a key of the tile: on the PREFIX path those with m + off < last_death.
+  const int m_hi = death_row != nullptr ? max(min(last_death - off, p.Q), m_lo) : p.Q;
+  const int n_qblocks = (m_hi - m_lo + kBlockM - 1) / kBlockM;
   const int n_steps = n_heads * n_qblocks;
 
   // ---------------------------------------------------------------- MMA partitions
@@ -510,9 +528,13 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   constexpr int kRowsT = decltype(size<0>(c_rc))::value;
   constexpr int kColsT = decltype(size<1>(c_rc))::value;
 
-  int row_key[kRowsT];  // the key of each of this thread's accumulator rows, -1: none
+  int row_key[kRowsT];    // the key of each of this thread's accumulator rows, -1: none
+  int row_death[kRowsT];  // its death position (PREFIX), else kNoDeath
   CUTE_UNROLL
-  for (int mi = 0; mi < kRowsT; ++mi) row_key[mi] = sKeyOut[get<0>(c_rc(mi, 0))];
+  for (int mi = 0; mi < kRowsT; ++mi) {
+    row_key[mi] = sKeyOut[get<0>(c_rc(mi, 0))];
+    row_death[mi] = sDeathOut[get<0>(c_rc(mi, 0))];
+  }
 
   // ---------------------------------------------------------------- query blocks, head by head
   Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
@@ -603,7 +625,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
       CUTE_UNROLL
       for (int mi = 0; mi < kRowsT; ++mi) {
         const int key = row_vis[mi];
-        bool visible = query < p.Q && key >= 0 && key <= last_key;
+        bool visible = query < p.Q && key >= 0 && key <= last_key && last_key < row_death[mi];
         float s = s_rc(mi, ni) + row_bias[mi];
         if constexpr (kPerQuery) {
           if (visible && p.bias != nullptr && !bias_per_key) {
@@ -688,7 +710,7 @@ void launch_bwd_dkdv(const BwdParams& params, cudaStream_t stream) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(dma_bwd_dkdv_kernel, MaxDynamicSharedMemorySize)");
   }
-  const int64_t n_keys = params.idx != nullptr ? params.list_len : params.K;
+  const int64_t n_keys = params.idx != nullptr && params.death == nullptr ? params.list_len : params.K;
   const dim3 grid(unsigned((n_keys + Traits::kRows - 1) / Traits::kRows),
                   unsigned(params.B * (params.H / params.dkdv_heads)));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(params);

@@ -2,6 +2,7 @@
 // fwd_kernel.cuh and fwd_sm90_kernel.cuh, instantiated per head dim in translation units generated
 // by CMake).
 #include <atomic>
+#include <stdexcept>
 
 #include "check.h"
 #include "fwd.h"
@@ -66,9 +67,12 @@ bool fwd_uses_sm90(int head_dim, bool per_query) {
 }
 
 int fwd(const FwdParams& params, cudaStream_t stream) {
+  if (params.death != nullptr && params.splits > 0)
+    throw std::invalid_argument("the split forward has no PREFIX (visible-scope) path");
   if (params.splits > 0) return fwd_split(params, stream);
   const bool per_query = fwd_per_query(params);
-  if (fwd_uses_sm90(params.D, per_query)) {
+  // The PREFIX path (death) runs on the sm_80 kernel only.
+  if (params.death == nullptr && fwd_uses_sm90(params.D, per_query)) {
     fwd_sm90_head_dim_switch(params.D, [&](auto hd) {
       dtype_switch(params.dtype, [&](auto dt) {
         launch_fwd_sm90<decltype(dt)::value, decltype(hd)::value>(params, stream);

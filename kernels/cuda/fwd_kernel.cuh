@@ -3,15 +3,18 @@
 // S = Q K^T and O in registers (mma.sync m16n8k16, float32 accumulation), and walks the keys in
 // tiles of block_n with an online softmax.
 //
-// Keys are visited in one of two ways, told apart at run time by params.idx:
+// Keys are visited in one of three ways, told apart at run time by params.idx and params.death:
 // - DENSE: tile t holds keys t*block_n .. +block_n-1, up to the causal limit of the block.
 // - LIST: tile t holds the entries t*block_n .. of the selection row's ascending key list, up to
 //   the block's count (the prefix the block may see causally); K and V rows are gathered through
 //   the indices.
-// Both are the same code: every tile row is "a key index or none", computed by the threads that
-// load that row. Those threads also publish the key and its query-broadcast bias value and mask
-// bit in shared memory (sKey, sBias), so the score step reads one small array per tile instead of
-// gathering from global memory per element.
+// - PREFIX (visible scope): as LIST, over the query block's own list of alive keys (visible.h),
+//   and a key is also tested against its death position: query i sees key j iff
+//   j <= i + K - Q < death_j.
+// All are the same code: every tile row is "a key index or none", computed by the threads that
+// load that row. Those threads also publish the key and its query-broadcast bias value, mask bit
+// and death position in shared memory (sKey, sBias, sDeath), so the score step reads small arrays
+// per tile instead of gathering from global memory per element.
 //
 // Pipeline per tile t (one shared-memory buffer each for K and V, as FlashAttention-2's forward):
 //   wait K(t) ; sync ; issue V(t) ; read list entries of t+1 ; S = Q K(t)^T ; scale, bias, mask
@@ -107,8 +110,8 @@ struct FwdTraits {
 
   static constexpr int kSmemQKVBytes =
       int((cosize(SmemLayoutQ{}) + 2 * cosize(SmemLayoutKV{})) * sizeof(Element));
-  // sKey (int32) and sBias (float32) per key of the tile.
-  static constexpr int kSmemBytes = kSmemQKVBytes + kBlockN * 8;
+  // sKey (int32), sBias (float32) and sDeath (int32) per key of the tile.
+  static constexpr int kSmemBytes = kSmemQKVBytes + kBlockN * 12;
 };
 
 // The bias loads of every kernel (elements.cuh), under the name the backward imports from here.
@@ -224,38 +227,76 @@ __device__ __forceinline__ void load_rows(GmemCopy const& gmem_copy, SrcCols con
 }
 
 // What the score step needs per key of a tile, beyond the key itself: the query-broadcast bias
-// value and mask bit. Loaded into registers early (load) and published in shared memory late
-// (store), so the load latency hides behind the softmax and the second GEMM.
+// value and mask bit, and on the PREFIX path (visible scope) the key's death position (a query
+// with causal limit c sees key j iff j <= c < death_j; kNoDeath elsewhere). Loaded into registers
+// early (load) and published in shared memory late (store), so the load latency hides behind the
+// softmax and the second GEMM.
+constexpr int kNoDeath = 0x7FFFFFFF;
+
 template <int kLoadRows>
 struct KeyMeta {
   float bias[kLoadRows];
   bool allowed[kLoadRows];
+  int death[kLoadRows];
 
+  // death_row: the selection row's death positions (PREFIX), else nullptr.
   __device__ __forceinline__ void load(const FwdParams& p, const int (&keys)[kLoadRows], bool writer,
-                                       bool bias_per_key, bool mask_per_key, int64_t bias_base, int64_t mask_base) {
+                                       bool bias_per_key, bool mask_per_key, int64_t bias_base, int64_t mask_base,
+                                       const int32_t* death_row) {
     CUTE_UNROLL
     for (int m = 0; m < kLoadRows; ++m) {
       bias[m] = 0.f;
       allowed[m] = true;
+      death[m] = kNoDeath;
       if (writer && keys[m] >= 0) {
         if (bias_per_key) bias[m] = load_float(p.bias, p.bias_dtype, bias_base + keys[m] * p.bias_stride[3]);
         if (mask_per_key) allowed[m] = __ldg(p.mask + mask_base + keys[m] * p.mask_stride[3]) != 0;
+        if (death_row != nullptr) death[m] = __ldg(death_row + keys[m]);
       }
     }
   }
 
   template <class Coords>
   __device__ __forceinline__ void store(Coords const& tKVc, const int (&keys)[kLoadRows], bool writer, int* sKey,
-                                        float* sBias) const {
+                                        float* sBias, int* sDeath) const {
     if (!writer) return;
     CUTE_UNROLL
     for (int m = 0; m < kLoadRows; ++m) {
       const int r = get<0>(tKVc(0, m, 0));
       sKey[r] = allowed[m] ? keys[m] : -1;
       sBias[r] = bias[m];
+      sDeath[r] = death[m];
     }
   }
 };
+
+// The selection row of (batch b, query head h) in the LIST/PREFIX metadata.
+__device__ __forceinline__ int64_t selection_row(const FwdParams& p, int b, int h) {
+  return (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
+}
+
+// How far a query block walks and through which list: DENSE, contiguous keys (list nullptr) up to
+// the causal limit; LIST, the prefix of the row's list the block may see; PREFIX (p.death), the
+// block's own list of alive keys, and the row's death positions.
+__device__ __forceinline__ int block_keys(const FwdParams& p, int b, int h, int m_block, int block_m,
+                                          const int32_t** list, const int32_t** death_row) {
+  *list = nullptr;
+  *death_row = nullptr;
+  if (p.idx != nullptr) {
+    const int64_t row = selection_row(p, b, h);
+    if (p.death != nullptr) {
+      const int64_t blk = row * p.n_query_blocks + m_block;
+      *list = p.idx + blk * p.list_len;
+      *death_row = p.death + row * int64_t(p.K);
+      return max(0, int(min(int64_t(p.counts[blk * 2]), p.list_len)));
+    }
+    *list = p.idx + row * p.list_len;
+    return max(0, int(min(int64_t(p.counts[row * p.n_query_blocks + m_block]), p.list_len)));
+  }
+  const int m0 = m_block * block_m;
+  if (p.causal) return max(0, min(min(m0 + block_m, p.Q) + p.K - p.Q, p.K));
+  return p.K;
+}
 
 // A query block that sees no key: out 0 and lse -inf for its rows.
 template <class Traits>
@@ -293,18 +334,10 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
   const int g = h / (p.H / p.H_kv);
 
-  // How far this block walks: list entries (LIST) or contiguous keys (DENSE).
-  const int32_t* list = nullptr;
-  int limit;
-  if (p.idx != nullptr) {
-    const int64_t row = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
-    list = p.idx + row * p.list_len;
-    limit = max(0, int(min(int64_t(p.counts[row * p.n_query_blocks + m_block]), p.list_len)));
-  } else if (p.causal) {
-    limit = max(0, min(min(m0 + kBlockM, p.Q) + off, p.K));
-  } else {
-    limit = p.K;
-  }
+  // How far this block walks: list entries (LIST, PREFIX) or contiguous keys (DENSE).
+  const int32_t* list;
+  const int32_t* death_row;
+  const int limit = block_keys(p, b, h, m_block, kBlockM, &list, &death_row);
   const int n_tiles = (limit + kBlockN - 1) / kBlockN;
 
   Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
@@ -331,6 +364,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
   int* sKey = reinterpret_cast<int*>(smem + Traits::kSmemQKVBytes);  // key of each tile row, -1: none
   float* sBias = reinterpret_cast<float*>(sKey + kBlockN);          // its query-broadcast bias
+  int* sDeath = reinterpret_cast<int*>(sBias + kBlockN);            // its death (PREFIX), else kNoDeath
 
   // ---------------------------------------------------------------- global -> shared copies
   typename Traits::GmemCopyIn gmem_copy;
@@ -411,8 +445,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   cp_async_fence();
   {
     KeyMeta<kLoadRows> meta;
-    meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
-    meta.store(tKVc, keys, meta_writer, sKey, sBias);
+    meta.load(p, keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base, death_row);
+    meta.store(tKVc, keys, meta_writer, sKey, sBias, sDeath);
   }
 
   const float scale = p.scale;
@@ -445,11 +479,13 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
     }
     int col_key[kCols];
     float col_bias[kCols];
+    int col_death[kCols];
     CUTE_UNROLL
     for (int ni = 0; ni < kCols; ++ni) {
       const int c = get<1>(c_rc(0, ni));
       col_key[ni] = sKey[c];
       col_bias[ni] = sBias[c];
+      col_death[ni] = sDeath[c];
     }
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
@@ -462,7 +498,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
         CUTE_UNROLL
         for (int ni = 0; ni < kCols; ++ni) {
           const int key = col_key[ni];
-          bool visible = row_ok && key >= 0 && key <= last_key;
+          bool visible = row_ok && key >= 0 && key <= last_key && last_key < col_death[ni];
           float s = s_rc(mi, ni) + col_bias[ni];
           if (visible && bias_per_query) {
             s += load_float(p.bias, p.bias_dtype, bias_base + row * p.bias_stride[2] + key * p.bias_stride[3]);
@@ -476,7 +512,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
         CUTE_UNROLL
         for (int ni = 0; ni < kCols; ++ni) {
           const int key = col_key[ni];
-          const bool visible = row_ok && key >= 0 && key <= last_key;
+          const bool visible = row_ok && key >= 0 && key <= last_key && last_key < col_death[ni];
           s_rc(mi, ni) = visible ? s_rc(mi, ni) + col_bias[ni] : -INFINITY;
         }
       }
@@ -488,7 +524,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
     if (has_next) {
       load_rows(gmem_copy, tKgK, tKsK, p.k_stride[1], next_keys);
       cp_async_fence();
-      next_meta.load(p, next_keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base);
+      next_meta.load(p, next_keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base, death_row);
     }
 
     // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0.
@@ -518,7 +554,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_V, sthr_V);
 
     if (has_next) {
-      next_meta.store(tKVc, next_keys, meta_writer, sKey, sBias);
+      next_meta.store(tKVc, next_keys, meta_writer, sKey, sBias, sDeath);
       CUTE_UNROLL
       for (int m = 0; m < kLoadRows; ++m) keys[m] = next_keys[m];
     }

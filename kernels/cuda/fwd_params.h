@@ -42,6 +42,11 @@ struct FwdParams {
   int sel_heads = 1;
   bool sel_batched = false;
   int n_query_blocks = 0;
+  // PREFIX path (visible scope, causal): death != nullptr, with idx (B_s, H_s, n_query_blocks,
+  // list_len) holding each query block's own list of alive keys and counts (B_s, H_s,
+  // n_query_blocks, 2) its length first (visible.h); death (B_s, H_s, K) the keys' death
+  // positions: query i sees key j iff j <= i + K - Q < death_j.
+  const int32_t* death = nullptr;
 
   // The split (decode) forward (fwd_split.h): splits > 0 spreads each key list (or the K keys,
   // DENSE) over up to that many thread blocks, whose float32 partials go to split_workspace (at

@@ -24,6 +24,7 @@
 #include "check.h"
 #include "dmattn/selection.h"
 #include "select.h"
+#include "visible.h"
 #include "bwd.h"
 #include "fwd.h"
 #include "fwd_split.h"
@@ -242,11 +243,13 @@ void broadcast_view(const AnyCuda& t, const char* name, int64_t B, int64_t H, in
 
 // Checks the arguments the forward and the backward share and fills their part of the params:
 // q/k/v, bias/mask broadcast, out (B, Q, H, D) and lse (B, H, Q) float32, the LIST metadata with
-// counts per query block of `block_m_of(D)` rows, sizes and flags.
+// counts per query block of `block_m_of(D)` rows (with `death`, the PREFIX metadata: per-block
+// lists and death positions), sizes and flags.
 void fill_common(FwdParams& p, const AnyCuda& q, const AnyCuda& k, const AnyCuda& v,
                  const std::optional<AnyCuda>& bias, const std::optional<AnyCuda>& mask, const AnyCuda& out,
                  const AnyCuda& lse, const std::optional<AnyCuda>& idx, const std::optional<AnyCuda>& counts,
-                 double scale, double softcap, bool causal, int (*block_m_of)(int)) {
+                 double scale, double softcap, bool causal, int (*block_m_of)(int),
+                 const std::optional<AnyCuda>& death = std::nullopt) {
   if (q.ndim() != 4) throw std::invalid_argument("query must be 4-D (B, Q, H, D), got " + shape_str(q));
   p.dtype = qkv_dtype(q.dtype());
   const int64_t B = q.shape(0), Q = q.shape(1), H = q.shape(2), D = q.shape(3);
@@ -298,22 +301,37 @@ void fill_common(FwdParams& p, const AnyCuda& q, const AnyCuda& k, const AnyCuda
   }
 
   if (idx.has_value() != counts.has_value()) throw std::invalid_argument("idx and counts come together (LIST path)");
+  if (death && !idx) throw std::invalid_argument("death comes with idx and counts (PREFIX path)");
   if (idx) {
+    const size_t dims = death ? 4 : 3;
     for (const AnyCuda* t : {&*idx, &*counts}) {
       if (t->device_id() != device) throw std::invalid_argument("idx and counts must be on query's CUDA device");
       if (t->dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx and counts must be int32");
-      if (t->ndim() != 3) throw std::invalid_argument("idx and counts must be 3-D (B_s, H_s, ...)");
-      const bool contiguous = (t->shape(2) <= 1 || t->stride(2) == 1) &&
-                              (t->shape(1) <= 1 || t->stride(1) == int64_t(t->shape(2))) &&
-                              (t->shape(0) <= 1 || t->stride(0) == int64_t(t->shape(1) * t->shape(2)));
-      if (!contiguous) throw std::invalid_argument("idx and counts must be contiguous");
+      if (t->ndim() != dims)
+        throw std::invalid_argument(death ? "idx and counts must be 4-D (B_s, H_s, query blocks, ...) with death"
+                                          : "idx and counts must be 3-D (B_s, H_s, ...)");
+      if (!is_contiguous(*t)) throw std::invalid_argument("idx and counts must be contiguous");
     }
-    const int64_t B_s = idx->shape(0), H_s = idx->shape(1), W = idx->shape(2);
+    const int64_t B_s = idx->shape(0), H_s = idx->shape(1), W = idx->shape(dims - 1);
     if ((B_s != 1 && B_s != B) || H_s < 1 || H % H_s != 0)
-      throw std::invalid_argument("idx must be (B|1, H_s, W) with H a multiple of H_s, got " + shape_str(*idx));
+      throw std::invalid_argument("idx must be (B|1, H_s, ...) with H a multiple of H_s, got " + shape_str(*idx));
     if (W >= (int64_t(1) << 31)) throw std::invalid_argument("idx lists must be shorter than 2^31");
     const int64_t n_blocks = (Q + block_m - 1) / block_m;
-    expect_shape(*counts, "counts", {B_s, H_s, n_blocks});
+    if (death) {
+      if (!causal) throw std::invalid_argument("the PREFIX path (death) is causal");
+      if (p.bias_stride[2] != 0 || mask)
+        throw std::invalid_argument("the PREFIX path (death) takes a query-broadcast bias and no mask (the mask is "
+                                    "folded into death)");
+      expect_shape(*idx, "idx", {B_s, H_s, n_blocks, W});
+      expect_shape(*counts, "counts", {B_s, H_s, n_blocks, 2});
+      if (death->dtype() != nb::dtype<int32_t>()) throw nb::type_error("death must be int32");
+      if (death->device_id() != device) throw std::invalid_argument("death must be on query's CUDA device");
+      expect_shape(*death, "death", {B_s, H_s, K});
+      if (!is_contiguous(*death)) throw std::invalid_argument("death must be contiguous");
+      p.death = static_cast<const int32_t*>(death->data());
+    } else {
+      expect_shape(*counts, "counts", {B_s, H_s, n_blocks});
+    }
     p.idx = static_cast<const int32_t*>(idx->data());
     p.counts = static_cast<const int32_t*>(counts->data());
     p.list_len = W;
@@ -350,9 +368,11 @@ void check_device(int device, const char* what) {
 // Returns the splits the split forward ran with (0: the one-block-per-query-block kernels).
 int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
-        bool causal, uintptr_t stream, int splits, std::optional<AnyCuda> workspace) {
+        bool causal, uintptr_t stream, int splits, std::optional<AnyCuda> workspace, std::optional<AnyCuda> death) {
   FwdParams p;
-  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::fwd_block_m);
+  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::fwd_block_m,
+              death);
+  if (splits != 0 && death) throw std::invalid_argument("the split forward (splits > 0) has no PREFIX path (death)");
   if (splits != 0) {
     if (splits < 0 || splits > dmattn::cuda::kFwdSplitMaxSplits)
       throw std::invalid_argument("splits must be 0 (no split) or 1.." +
@@ -401,9 +421,25 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
          std::optional<AnyCuda> mask, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, AnyCuda delta,
          std::optional<AnyCuda> dq, std::optional<AnyCuda> dk, std::optional<AnyCuda> dv,
          std::optional<AnyCuda> dbias_keys, std::optional<AnyCuda> ds, double scale, double softcap, bool causal,
-         uintptr_t stream) {
+         uintptr_t stream, std::optional<AnyCuda> death, std::optional<AnyCuda> dkdv_keys,
+         std::optional<AnyCuda> dkdv_before) {
   BwdParams p;
-  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m);
+  fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m,
+              death);
+  if (death.has_value() != (dkdv_keys.has_value() && dkdv_before.has_value()) ||
+      dkdv_keys.has_value() != dkdv_before.has_value())
+    throw std::invalid_argument("death, dkdv_keys and dkdv_before come together (PREFIX path)");
+  if (death) {
+    const int64_t B_s = idx->shape(0), H_s = idx->shape(1), K_ = p.K;
+    for (auto [t, name] : {std::pair{&*dkdv_keys, "dkdv_keys"}, std::pair{&*dkdv_before, "dkdv_before"}}) {
+      if (t->dtype() != nb::dtype<int32_t>()) throw nb::type_error((std::string(name) + " must be int32").c_str());
+      if (t->device_id() != q.device_id()) throw std::invalid_argument(std::string(name) + " must be on query's CUDA device");
+      expect_shape(*t, name, {B_s, H_s, K_});
+      if (!is_contiguous(*t)) throw std::invalid_argument(std::string(name) + " must be contiguous");
+    }
+    p.dkdv_keys = static_cast<const int32_t*>(dkdv_keys->data());
+    p.dkdv_before = static_cast<const int32_t*>(dkdv_before->data());
+  }
   const int64_t B = p.B, Q = p.Q, K = p.K, H = p.H, H_kv = p.H_kv, D = p.D;
   const int device = q.device_id();
   if (B * H > 65535) throw std::invalid_argument("B * H must be at most 65535 (CUDA grid limit of the dk/dv kernel)");
@@ -602,6 +638,98 @@ void list_counts(AnyCuda idx, AnyCuda counts, int64_t K, int64_t Q, int64_t bloc
   dmattn::cuda::list_counts(c, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// ---------------------------------------------------------------- visible-scope metadata (visible.h)
+
+// The data of `t`, checked to be a contiguous T (int32 or int64) tensor of `shape` on `device`.
+template <class T>
+T* int_buffer(const AnyCuda& t, const char* name, int device, std::initializer_list<int64_t> shape) {
+  if (t.dtype() != nb::dtype<T>())
+    throw nb::type_error((std::string(name) + " must be " + (sizeof(T) == 8 ? "int64" : "int32")).c_str());
+  if (t.device_id() != device) throw std::invalid_argument(std::string(name) + " must be on the same CUDA device");
+  expect_shape(t, name, shape);
+  if (!is_contiguous(t)) throw std::invalid_argument(std::string(name) + " must be contiguous");
+  return static_cast<T*>(t.data());
+}
+
+void visible_rank_keys(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda keys, uintptr_t stream) {
+  dmattn::cuda::SelectParams p;
+  p.bias_bits = bias_bits(bias.dtype());
+  if (p.bias_bits == 64)
+    throw nb::type_error("the visible-scope rank keys take a float16, bfloat16 or float32 bias, got float64");
+  if (bias.ndim() != 4) throw std::invalid_argument("bias must be 4-D (B|1, heads, 1, K), got " + shape_str(bias));
+  const int64_t K = bias.shape(3);
+  if (K >= (int64_t(1) << 31) - 1) throw std::invalid_argument("K must be below 2^31 - 1 (int32 key indices)");
+  if (keys.ndim() != 3) throw std::invalid_argument("keys must be (B_s, H_s, K), got " + shape_str(keys));
+  const int64_t B_s = keys.shape(0), H_s = keys.shape(1);
+  const int device = bias.device_id();
+  int_buffer<int64_t>(keys, "keys", device, {B_s, H_s, K});
+  selection_view(bias, "bias", B_s, H_s, K, p.bias_stride, &p.bias_heads);
+  if (mask) {
+    if (mask->dtype() != nb::dtype<bool>()) throw nb::type_error("mask must be a bool tensor");
+    if (mask->device_id() != device) throw std::invalid_argument("mask must be on bias's CUDA device");
+    selection_view(*mask, "mask", B_s, H_s, K, p.mask_stride, &p.mask_heads);
+    p.mask = static_cast<const uint8_t*>(mask->data());
+  }
+  expect_current_device(device, "bias");
+  p.bias = bias.data();
+  p.B_s = B_s;
+  p.H_s = H_s;
+  p.K = K;
+  dmattn::cuda::visible_rank_keys(p, static_cast<int64_t*>(keys.data()), reinterpret_cast<cudaStream_t>(stream));
+}
+
+void visible_death(AnyCuda sorted, AnyCuda x, AnyCuda rank, AnyCuda table, AnyCuda death, int64_t window,
+                   int64_t bucket, uintptr_t stream) {
+  if (sorted.ndim() != 2) throw std::invalid_argument("sorted must be (rows, K), got " + shape_str(sorted));
+  const int64_t rows = sorted.shape(0), K = sorted.shape(1);
+  const int device = sorted.device_id();
+  if (window < 1) throw std::invalid_argument("window must be >= 1, got " + std::to_string(window));
+  if (bucket < 32 || (bucket & (bucket - 1)) != 0)
+    throw std::invalid_argument("bucket must be a power of two >= 32, got " + std::to_string(bucket));
+  dmattn::cuda::DeathParams p;
+  p.sorted = int_buffer<int64_t>(sorted, "sorted", device, {rows, K});
+  p.x = int_buffer<int32_t>(x, "x", device, {rows, K});
+  p.rank = int_buffer<int32_t>(rank, "rank", device, {rows, K});
+  const int64_t nc = (K + dmattn::cuda::kVisibleRanks - 1) / dmattn::cuda::kVisibleRanks;
+  p.table = int_buffer<int32_t>(table, "table", device, {rows, nc, (K + bucket - 1) / bucket + 1});
+  p.death = int_buffer<int32_t>(death, "death", device, {rows, K});
+  expect_current_device(device, "sorted");
+  p.rows = rows;
+  p.K = K;
+  p.W = window;
+  p.pos_bits = dmattn::cuda::visible_pos_bits(K);
+  p.bucket = bucket;
+  dmattn::cuda::visible_death(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void visible_lists(AnyCuda death, AnyCuda ever, AnyCuda before, AnyCuda chunk_counts, AnyCuda idx, AnyCuda counts,
+                   int64_t Q, int64_t block_m, uintptr_t stream) {
+  if (death.ndim() != 2) throw std::invalid_argument("death must be (rows, K), got " + shape_str(death));
+  const int64_t rows = death.shape(0), K = death.shape(1);
+  const int device = death.device_id();
+  if (Q < 1) throw std::invalid_argument("Q must be >= 1, got " + std::to_string(Q));
+  if (block_m < 1) throw std::invalid_argument("block_m must be >= 1, got " + std::to_string(block_m));
+  if (idx.ndim() != 3) throw std::invalid_argument("idx must be (rows, n_blocks, list_len), got " + shape_str(idx));
+  const int64_t n_blocks = (Q + block_m - 1) / block_m, list_len = idx.shape(2);
+  if (list_len < 1 || list_len > K) throw std::invalid_argument("idx's list length must be in [1, K]");
+  dmattn::cuda::ListsParams p;
+  p.death = int_buffer<int32_t>(death, "death", device, {rows, K});
+  p.ever = int_buffer<int32_t>(ever, "ever", device, {rows, K});
+  p.before = int_buffer<int32_t>(before, "before", device, {rows, K});
+  const int64_t n_chunks = (K + dmattn::cuda::kVisibleChunk - 1) / dmattn::cuda::kVisibleChunk;
+  p.chunk_counts = int_buffer<int32_t>(chunk_counts, "chunk_counts", device, {rows, n_chunks});
+  p.idx = int_buffer<int32_t>(idx, "idx", device, {rows, n_blocks, list_len});
+  p.counts = int_buffer<int32_t>(counts, "counts", device, {rows, n_blocks, 2});
+  expect_current_device(device, "death");
+  p.rows = rows;
+  p.K = K;
+  p.Q = Q;
+  p.block_m = block_m;
+  p.n_blocks = n_blocks;
+  p.list_len = list_len;
+  dmattn::cuda::visible_lists(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
 nb::dict info() {
   nb::dict d;
   d["cuda_runtime"] = CUDART_VERSION;
@@ -628,10 +756,13 @@ NB_MODULE(_cuda, m) {
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("idx").none(), nb::arg("counts").none(),
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
         nb::arg("splits") = 0, nb::arg("workspace").noconvert().none() = nb::none(),
+        nb::arg("death").none() = nb::none(),
         "Attention forward into out (B, Q, H, D) and lse (B, H, Q) float32 (see dmattn.cuda_ext.forward).\n"
         "q (B, Q, H, D), k/v (B, K, H_kv, D): float16 or bfloat16, contiguous head dim, 16-byte rows.\n"
         "bias/mask: (B|1, H|H_kv|1, Q|1, K), any float dtype / bool. idx (B_s, H_s, W) and counts\n"
-        "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path. softcap 0: none. splits > 0 (Q <= 16):\n"
+        "(B_s, H_s, cdiv(Q, fwd_block_m(D))) int32 select the LIST path; with death (B_s, H_s, K) int32 the\n"
+        "PREFIX path (visible scope, causal, no mask): idx (B_s, H_s, blocks, W) and counts (B_s, H_s,\n"
+        "blocks, 2) from visible_lists. softcap 0: none. splits > 0 (Q <= 16, not PREFIX):\n"
         "the split (decode) forward with up to that many splits per list, partials in workspace, float32 of at\n"
         "least splits * B * H * Q * (D + 2) entries (see fwd_split_count). stream: an integer.\n"
         "Returns the splits run (0: not the split forward).");
@@ -645,8 +776,12 @@ NB_MODULE(_cuda, m) {
         nb::arg("delta").noconvert(), nb::arg("dq").noconvert().none(), nb::arg("dk").noconvert().none(),
         nb::arg("dv").noconvert().none(), nb::arg("dbias_keys").noconvert().none(), nb::arg("ds").noconvert().none(),
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
+        nb::arg("death").none() = nb::none(), nb::arg("dkdv_keys").none() = nb::none(),
+        nb::arg("dkdv_before").none() = nb::none(),
         "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
-        "counts (LIST) per block of bwd_dq_block_m(D) query rows. Workspaces and outputs, all allocated by the\n"
+        "counts (LIST) per block of bwd_dq_block_m(D) query rows. PREFIX: death with idx/counts of blocks of\n"
+        "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: dkdv_keys, dkdv_before (B_s, H_s, K) int32, the\n"
+        "ever/before workspaces of visible_lists. Workspaces and outputs, all allocated by the\n"
         "caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D) in q's dtype, or float32\n"
         "(B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys float32 (B, H, K)\n"
         "(query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled. Deterministic.");
@@ -673,6 +808,28 @@ NB_MODULE(_cuda, m) {
         "idx int32 (B_s, H_s, min(window, K)) gets each row's selected keys ascending, padded with K; counts\n"
         "int32 (B_s, H_s, cdiv(Q, block_m)) (optional) the entries visible to each query block. workspace:\n"
         "uint8, select_plan's bytes for the same chunk; nothing needs zeroing. stream: an integer.");
+  m.def("visible_bucket", &dmattn::cuda::visible_bucket, nb::arg("K"),
+        "Positions per bucket of visible_death's table for K keys.");
+  m.def("visible_chunk", []() { return dmattn::cuda::kVisibleChunk; },
+        "Keys per chunk of visible_lists' ever-alive compaction (chunk_counts has cdiv(K, this) per row).");
+  m.def("visible_rank_keys", &visible_rank_keys, nb::arg("bias"), nb::arg("mask").none(), nb::arg("keys").noconvert(),
+        nb::kw_only(), nb::arg("stream"),
+        "Visible scope, step 1: keys int64 (B_s, H_s, K) gets each key's rank key (order key of its bias value\n"
+        "<< position bits | K - 1 - j; 0 order for masked-out keys) of a query-broadcast float16/bfloat16/\n"
+        "float32 bias (B_s|1, heads, 1, K) and optional bool mask. Sort each row descending for visible_death.");
+  m.def("visible_death", &visible_death, nb::arg("sorted"), nb::arg("x").noconvert(), nb::arg("rank").noconvert(),
+        nb::arg("table").noconvert(), nb::arg("death").noconvert(), nb::kw_only(), nb::arg("window"),
+        nb::arg("bucket"), nb::arg("stream"),
+        "Visible scope, step 3: death int32 (rows, K) of each key from its row's rank keys sorted descending\n"
+        "(rows, K) int64. Workspaces: x, rank int32 (rows, K), table int32 (rows, cdiv(K, 32), cdiv(K, bucket)\n"
+        "+ 1); bucket: visible_bucket(K) or another power of two >= 32.");
+  m.def("visible_lists", &visible_lists, nb::arg("death"), nb::arg("ever").noconvert(), nb::arg("before").noconvert(),
+        nb::arg("chunk_counts").noconvert(), nb::arg("idx").noconvert(), nb::arg("counts").noconvert(),
+        nb::kw_only(), nb::arg("Q"), nb::arg("block_m"), nb::arg("stream"),
+        "Visible scope, step 4: per query block of block_m rows its alive keys into idx int32 (rows, cdiv(Q,\n"
+        "block_m), min(K, window + block_m)) (entries past the count unset), and counts int32 (rows, blocks, 2):\n"
+        "the count and how many lead the list that every query of the block sees. Workspaces: ever, before\n"
+        "int32 (rows, K), chunk_counts int32 (rows, cdiv(K, visible_chunk())).");
   m.def("list_counts", &list_counts, nb::arg("idx"), nb::arg("counts").noconvert(), nb::kw_only(), nb::arg("K"),
         nb::arg("Q"), nb::arg("block_m"), nb::arg("causal"), nb::arg("stream"),
         "Per query block of block_m rows, how many entries of each ascending LIST idx (B_s, H_s, W) it can see:\n"

@@ -30,6 +30,7 @@
 
 #include "dmattn/selection.h"
 #include "select.h"
+#include "select_keys.cuh"
 
 namespace dmattn {
 namespace cuda {
@@ -70,35 +71,6 @@ inline size_t workspace_bytes(int64_t rows, int64_t chunks, int passes) {
   return align16(size_t(passes) * size_t(rows) * sizeof(RowState)) +
          align16(size_t(2) * size_t(rows) * size_t(chunks) * kBins * sizeof(int32_t)) +
          align16(size_t(rows) * size_t(chunks) * sizeof(int32_t));
-}
-
-template <int kBits>
-using KeyT = std::conditional_t<kBits == 64, unsigned long long, uint32_t>;
-
-// Order-preserving key of bias entry `off` (elements), 0 when the key is masked out.
-template <int kBits>
-__device__ __forceinline__ KeyT<kBits> load_key(const SelectParams& p, int64_t bias_row, int64_t mask_row,
-                                                int64_t j) {
-  // Both loads issued before either is used: one memory round trip, not two.
-  const bool allowed = p.mask == nullptr || p.mask[mask_row + j * p.mask_stride[2]] != 0;
-  const int64_t off = bias_row + j * p.bias_stride[2];
-  KeyT<kBits> key;
-  if constexpr (kBits == 16) {
-    key = sel::order_key16(static_cast<const uint16_t*>(p.bias)[off]);
-  } else if constexpr (kBits == 32) {
-    key = sel::order_key32(static_cast<const uint32_t*>(p.bias)[off]);
-  } else {
-    key = sel::order_key64(static_cast<const unsigned long long*>(p.bias)[off]);
-  }
-  return allowed ? key : KeyT<kBits>(0);
-}
-
-// Element offsets of row `row` in bias and mask.
-__device__ __forceinline__ void row_bases(const SelectParams& p, int64_t row, int64_t* bias_row,
-                                          int64_t* mask_row) {
-  const int64_t b = row / p.H_s, h = row % p.H_s;
-  *bias_row = b * p.bias_stride[0] + (h * p.bias_heads / p.H_s) * p.bias_stride[1];
-  *mask_row = p.mask ? b * p.mask_stride[0] + (h * p.mask_heads / p.H_s) * p.mask_stride[1] : 0;
 }
 
 using BinScan = cub::BlockScan<int, kThreads>;

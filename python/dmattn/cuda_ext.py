@@ -1,7 +1,8 @@
 """The compiled CUDA module ``dmattn._cuda``, when it was built and imports: build information, an
 exact one-thread-per-row ``topk_indices`` on CUDA tensors (compiled from the selection header shared
 with the CPU core; ``dmattn.topk_indices`` itself goes through the backend registry), the radix
-select of the LIST metadata (``select_lists``, ``list_selection``, ``list_counts``; same header), and
+select of the LIST metadata (``select_lists``, ``list_selection``, ``list_counts``; same header), the
+visible scope's death positions and per-query-block key lists (``visible_death``, ``visible_lists``), and
 the CuTe attention forward (``forward``, with its split decode path for few queries) and backward
 (``backward``) that the ``cuda`` backend (``backends/cuda.py``) runs, also tested directly. Nothing
 here needs Triton."""
@@ -207,6 +208,88 @@ def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: b
     return counts
 
 
+def has_visible() -> bool:
+    """Whether the module carries the visible-scope metadata kernels (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "visible_death")
+
+
+def visible_death(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, rows: Optional[tuple] = None, *,
+                  bucket: Optional[int] = None) -> torch.Tensor:
+    """The visible scope's death positions (``kernels/cuda/visible.h``): int32 (B_s, H_s, K).
+
+    Key j of selection row (b_s, h_s) is visible to query i (causal limit c_i = i + K - Q) exactly
+    when ``j <= c_i < death[b_s, h_s, j]``, the same definition as the Triton backend's
+    ``prefix.death_positions``.
+
+    Args:
+        bias: (B_s|1, heads, 1, K) float16/bfloat16/float32 on a GPU, any strides; selection head h_s
+            reads bias head h_s * heads // H_s (heads must divide H_s). float64 is refused
+            (TypeError): its order keys leave no room for the position.
+        mask: optional bool (B_s|1, heads_m, 1, K), same rules; a False key is never visible.
+        window: w >= 1.
+        rows: (B_s, H_s), default the broadcast of bias and mask.
+        bucket: positions per bucket of the death table, a power of two >= 32 (tests vary it);
+            default ``visible_bucket(K)``.
+
+    One sort of (rows, K) int64 keys (torch) between the module's kernels; workspaces of about
+    5 int32 per key. No host synchronisation.
+    """
+    bias, mask = plain(bias, mask)
+    B_s, H_s = rows if rows is not None else _selection_rows(bias, mask)
+    K = bias.shape[-1]
+    dev = bias.device
+    n = B_s * H_s
+    bucket = int(bucket or _cuda.visible_bucket(K))
+    keys = torch.empty(B_s, H_s, K, dtype=torch.int64, device=dev)
+    x = torch.empty(n, K, dtype=torch.int32, device=dev)
+    rank = torch.empty(n, K, dtype=torch.int32, device=dev)
+    table = torch.empty(n, -(-K // 32), -(-K // bucket) + 1, dtype=torch.int32, device=dev)
+    death = new_output((B_s, H_s, K), torch.int32, dev)
+    with on_device(dev):
+        stream = current_stream(dev)
+        _cuda.visible_rank_keys(*dlpack(bias, mask, keys), stream=stream)
+        # The keys are unique, so any sort gives the one order.
+        ordered = keys.view(n, K).sort(dim=-1, descending=True).values
+        _cuda.visible_death(*dlpack(ordered, x, rank, table, death.view(n, K)), window=int(window), bucket=bucket,
+                            stream=stream)
+    return death
+
+
+def visible_lists(death: torch.Tensor, *, Q: int, window: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Per selection row and block of ``block_m`` queries, the keys alive for at least one query of
+    the block, from ``visible_death``'s death (B_s, H_s, K): ``(idx, counts, ever, before)``, idx
+    int32 (B_s, H_s, cdiv(Q, block_m), min(K, window + block_m)) holding two ascending runs (the
+    keys every query of the block sees, then those born or dying inside it; entries past the count
+    unset), counts int32 (B_s, H_s, cdiv(Q, block_m), 2): the count and the first run's length;
+    ever and before int32 (B_s, H_s, K): each row's ever-alive keys (death_j > j) ascending, and
+    how many of them lie at or before each position (so before[..., K - 1] of ever are set), which
+    the dk/dv kernel tiles. The Triton backend's ``prefix.block_lists``, in three launches."""
+    B_s, H_s, K = death.shape
+    n, dev = B_s * H_s, death.device
+    n_blocks = -(-Q // block_m)
+    idx = new_output((B_s, H_s, n_blocks, min(K, window + block_m)), torch.int32, dev)
+    counts = new_output((B_s, H_s, n_blocks, 2), torch.int32, dev)
+    ever = torch.empty(B_s, H_s, K, dtype=torch.int32, device=dev)
+    before = torch.empty(B_s, H_s, K, dtype=torch.int32, device=dev)
+    chunk_counts = torch.empty(n, -(-K // _cuda.visible_chunk()), dtype=torch.int32, device=dev)
+    with on_device(dev):
+        _cuda.visible_lists(*dlpack(death.reshape(n, K), ever.view(n, K), before.view(n, K), chunk_counts,
+                                    idx.view(n, n_blocks, -1), counts.view(n, n_blocks, 2)),
+                            Q=int(Q), block_m=int(block_m), stream=current_stream(dev))
+    return idx, counts, ever, before
+
+
+def visible_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, block_m: int,
+                      rows: Optional[tuple] = None) -> dict:
+    """The PREFIX metadata of a causal visible-scope call with a query-broadcast bias (and mask),
+    for query blocks of ``block_m`` rows: keyword arguments of ``forward``/``backward`` (idx,
+    counts, death) and of ``backward`` alone (dkdv_keys, dkdv_before). The mask is folded into
+    death, so the kernels take none."""
+    death = visible_death(bias, mask, window, rows)
+    idx, counts, ever, before = visible_lists(death, Q=Q, window=window, block_m=block_m)
+    return dict(idx=idx, counts=counts, death=death, dkdv_keys=ever, dkdv_before=before)
+
+
 def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, head_dim: int,
                    is_causal: bool, rows: Optional[tuple] = None, chunk: Optional[int] = None):
     """LIST metadata for ``forward``: ``(idx, counts)`` int32 from the CUDA radix select, counts per
@@ -223,16 +306,20 @@ def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
             mask: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, softcap: Optional[float] = None,
             is_causal: bool = False, idx: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None,
-            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, splits: Optional[int] = None):
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, splits: Optional[int] = None,
+            death: Optional[torch.Tensor] = None, dkdv_keys=None, dkdv_before=None):
     """The CuTe forward: ``(out (B, Q, H, D) in q's dtype, lse (B, H, Q) float32)``.
 
     q (B, Q, H, D), k/v (B, K, H_kv, D) float16/bfloat16 on one GPU (sm_80+); bias and mask
     (B|1, H|H_kv|1, Q|1, K), bias of any float dtype. Keys: DENSE (every key up to the causal limit,
     bias/mask tested per element) unless ``idx``/``counts`` from ``list_selection`` give the LIST
-    path. ``out``/``lse`` may be passed in (contiguous) to be filled. ``splits``: None runs the
-    split (decode) forward with ``split_count`` splits where that is > 0; 0 forces the
-    one-block-per-query-block kernel, n > 0 the split forward with at most n splits (Q <= 16).
-    Arguments are checked by the binding (ValueError/TypeError naming them) before any launch.
+    path; with ``death`` too (``visible_selection``, blocks of ``fwd_block_m(D)`` rows) the PREFIX
+    path of the visible scope (dkdv_keys/dkdv_before are the backward's and ignored here).
+    ``out``/``lse`` may be passed in (contiguous) to be filled. ``splits``: None runs the split
+    (decode) forward with ``split_count`` splits where that is > 0 (never on the PREFIX path); 0
+    forces the one-block-per-query-block kernel, n > 0 the split forward with at most n splits
+    (Q <= 16). Arguments are checked by the binding (ValueError/TypeError naming them) before any
+    launch.
     """
     B, Q, H, D = q.shape
     if out is None:
@@ -240,7 +327,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
     if lse is None:
         lse = new_output((B, H, Q), torch.float32, q.device)
     if splits is None:
-        splits = split_count(q, k, idx)
+        splits = 0 if death is not None else split_count(q, k, idx)
     q, k, v, bias, mask, idx, counts = plain(q, k, v, bias, mask, idx, counts)
     q, k, v = _kernel_rows(q), _kernel_rows(k), _kernel_rows(v)
     split_args = {}
@@ -250,6 +337,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
         workspace = new_output((int(splits) * B * H * Q * (D + 2),), torch.float32, q.device)
         split_args = dict(splits=int(splits), workspace=dlpack(workspace)[0])
     with on_device(q.device):
+        if death is not None:
+            split_args["death"] = dlpack(death)[0]
         _cuda.fwd(*dlpack(q, k, v, bias, mask, out, lse, idx, counts),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
                   causal=bool(is_causal), stream=current_stream(q.device), **split_args)
@@ -271,11 +360,14 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              scale: Optional[float] = None, softcap: Optional[float] = None, is_causal: bool = False,
              idx: Optional[torch.Tensor] = None, need_dq: bool = True, need_dkdv: bool = True,
              need_dbias: Optional[bool] = None, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
-             dv: Optional[torch.Tensor] = None):
+             dv: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None,
+             death: Optional[torch.Tensor] = None, dkdv_keys: Optional[torch.Tensor] = None,
+             dkdv_before: Optional[torch.Tensor] = None):
     """The CuTe backward of ``forward``: ``(dq, dk, dv, dbias)``, each None when not wanted.
 
     Same inputs as ``forward`` (the LIST path takes ``idx`` from ``list_selection``; its counts are
-    rebuilt for the dq kernel's block size), plus ``out``/``lse`` of the forward and the cotangent
+    rebuilt for the dq kernel's block size; the PREFIX path takes all of ``visible_selection`` for
+    blocks of ``bwd_dq_block_m(D)`` rows), plus ``out``/``lse`` of the forward and the cotangent
     ``dout``. dbias (wanted by default when there is a bias) is returned in the bias's shape and
     dtype. ``dq``/``dk``/``dv`` may be passed in (contiguous, q's dtype) to be filled. Deterministic:
     no atomics anywhere.
@@ -295,11 +387,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if need_dbias and bias is None:
         raise ValueError("need_dbias=True needs a bias")
     per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[2] > 1
-    counts = None
-    if idx is not None:
-        counts = list_counts(idx, Q=Q, K=K, block_m=bwd_dq_block_m(D), is_causal=is_causal)
+    if death is None:
+        counts = None
+        if idx is not None:
+            counts = list_counts(idx, Q=Q, K=K, block_m=bwd_dq_block_m(D), is_causal=is_causal)
     listed = idx is not None
-    per_head = listed and idx.dim() == 3 and idx.shape[1] > H_kv
+    per_head = listed and idx.shape[1] > H_kv  # (B_s, H_s, ...) on the LIST and PREFIX paths
 
     delta = torch.empty(B, H, Q, dtype=torch.float32, device=dev)
     if need_dq and dq is None:
@@ -329,10 +422,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dout, q, k, v, out = (_kernel_rows(t) for t in (dout, q, k, v, out))
     with on_device(dev):
         stream = current_stream(dev)
+        prefix = {}
+        if death is not None:
+            prefix = dict(zip(("death", "dkdv_keys", "dkdv_before"), dlpack(death, dkdv_keys, dkdv_before)))
         _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
                           ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
-                  causal=bool(is_causal), stream=stream)
+                  causal=bool(is_causal), stream=stream, **prefix)
 
     if need_dkdv:
         if per_head:

@@ -1,15 +1,18 @@
 """The CUDA backend (module ``dmattn._cuda``, through ``dmattn.cuda_ext``): CuTe kernels for sm_80+,
 float16/bfloat16, the head dims the module was compiled for.
 
-Two key-visiting paths. LIST: a window over a bias and mask shared by every query, with global
+Three key-visiting paths. LIST: a window over a bias and mask shared by every query, with global
 scope (or a selection that equals it: no causality, or a single query); the CUDA radix select
 (``kernels/cuda/select.h``, through ``cuda_ext.list_selection``) builds the sorted key lists, the mask
-folded into them, and the kernels gather those keys. DENSE: everything else it accepts (no window, or a window that keeps
-every key); bias and mask are tested per element. Calls with few queries (decode: Q <= 16, at most
-32 query rows per kv head) on either path run the split forward (``kernels/cuda/fwd_split.h``: each
-list spread over many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. The
-visible scope with causality and Q > 1, and a window over a per-query bias or mask, have no CUDA
-path: the Triton backend computes them. Nothing here needs Triton.
+folded into them, and the kernels gather those keys. PREFIX: the same window in the visible scope
+with causality and Q > 1 (each query ranks its own causal prefix); ``kernels/cuda/visible.h``
+(through ``cuda_ext.visible_selection``) gives each key its death position and each query block
+its list of alive keys, and the kernels gather those and test ``j <= c_i < death_j``. DENSE:
+everything else it accepts (no window, or a window that keeps every key); bias and mask are tested
+per element. Calls with few queries (decode: Q <= 16, at most 32 query rows per kv head) on the
+LIST and DENSE paths run the split forward (``kernels/cuda/fwd_split.h``: each list spread over
+many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. A window over a
+per-query bias or mask has no CUDA path: the Triton backend computes it. Nothing here needs Triton.
 
 Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.51 ms on H200), so
 ``backend="auto"`` picks it only when Triton declines; ``backend="cuda"`` runs it by name.
@@ -17,10 +20,18 @@ Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.5
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import cuda_ext, reference
 from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output, plain
+
+
+# The PREFIX path (visible scope, causal, Q > 1) landed compiled but not yet run on a GPU, so the
+# backend declines it unless DMATTN_CUDA_PREFIX=1: tests/test_cuda_visible.py and the shared matrix
+# under that switch are what turn it on by default.
+PREFIX_PATH = os.environ.get("DMATTN_CUDA_PREFIX", "0") == "1"
 
 
 def _load_error():
@@ -61,31 +72,43 @@ class CudaBackend(Backend):
     def extra_reasons(self, problem):
         p = problem
         if p.effective_window is not None and p.ranks_prefixes and p.query_broadcast:
-            return ["does not implement the visible top-k scope with is_causal and Q > 1 (the triton "
-                    "backend implements it)"]
+            if not PREFIX_PATH:
+                return ["does not yet run the visible top-k scope with is_causal and Q > 1 by default (its kernels "
+                        "are not yet verified on a GPU: DMATTN_CUDA_PREFIX=1 enables them; the triton backend "
+                        "implements it)"]
+            if not cuda_ext.has_visible():
+                return ["was built without the visible-scope kernels (the visible top-k scope with is_causal "
+                        "and Q > 1; the triton backend implements it)"]
+            if p.bias_dtype == torch.float64:
+                return ["does not implement the visible top-k scope (is_causal, Q > 1) with a float64 bias "
+                        "(its rank keys pack 16- or 32-bit values; the triton backend implements it)"]
         return []
 
-    def _keys(self, problem, bias, mask):
-        """``(idx, counts, kernel_mask)``: LIST metadata (the mask folded into the lists) for a
-        windowed call, else DENSE (no metadata, the mask tested per element)."""
+    def _keys(self, problem, bias, mask, block_m: int):
+        """``(metadata, kernel_mask)``: the keyword arguments of ``cuda_ext.forward``/``backward``
+        for a windowed call, for query blocks of ``block_m`` rows (LIST: idx and counts; PREFIX:
+        ``cuda_ext.visible_selection``; the mask folded into both), else DENSE (no metadata, the
+        mask tested per element)."""
         p = problem
-        if p.effective_window is None:
-            return None, None, mask
-        meta = cuda_ext.list_selection(bias, mask, window=p.effective_window, Q=p.Q, head_dim=p.D,
-                                       is_causal=p.is_causal)
+        w = p.effective_window
+        if w is None:
+            return {}, mask
+        if p.ranks_prefixes:  # reasons() leaves only query-broadcast bias and mask here
+            return cuda_ext.visible_selection(bias, mask, window=w, Q=p.Q, block_m=block_m), None
+        meta = cuda_ext.list_selection(bias, mask, window=w, Q=p.Q, head_dim=p.D, is_causal=p.is_causal)
         if meta is None:
             # reasons() declines every windowed call that has no LIST path, so this is a bug there.
             raise RuntimeError(f"cuda backend: no LIST selection for an accepted problem {p}")
         idx, counts = meta
-        return idx, counts, None
+        return dict(idx=idx, counts=counts), None
 
     def forward(self, problem, q, k, v, bias, mask):
         p = problem
         out, lse = forward_outputs(p, q)
         with cuda_ext.on_device(q.device):
-            idx, counts, kernel_mask = self._keys(p, bias, mask)
+            meta, kernel_mask = self._keys(p, bias, mask, cuda_ext.fwd_block_m(p.D))
             cuda_ext.forward(q, k, v, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
-                             is_causal=p.is_causal, idx=idx, counts=counts, out=out, lse=lse)
+                             is_causal=p.is_causal, out=out, lse=lse, **meta)
         return out, lse
 
     def backward(self, problem, dout, q, k, v, bias, mask, out, lse, needs):
@@ -96,11 +119,12 @@ class CudaBackend(Backend):
         dk_buf = dk if dk is not None or not need_dkdv else new_output(k.shape, k.dtype, k.device)
         dv_buf = dv if dv is not None or not need_dkdv else new_output(v.shape, v.dtype, v.device)
         with cuda_ext.on_device(q.device):
-            idx, _, kernel_mask = self._keys(p, bias, mask)
+            # LIST: the backward rebuilds the counts for its dq block size from idx.
+            meta, kernel_mask = self._keys(p, bias, mask, cuda_ext.bwd_dq_block_m(p.D))
             got_dq, got_dk, got_dv, got_dbias = cuda_ext.backward(
                 dout, q, k, v, out, lse, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
-                is_causal=p.is_causal, idx=idx, need_dq=dq is not None, need_dkdv=need_dkdv,
-                need_dbias=dbias is not None, dq=dq, dk=dk_buf, dv=dv_buf)
+                is_causal=p.is_causal, need_dq=dq is not None, need_dkdv=need_dkdv,
+                need_dbias=dbias is not None, dq=dq, dk=dk_buf, dv=dv_buf, **meta)
             if dbias is not None:
                 dbias.copy_(got_dbias)
         return (got_dq, got_dk if dk is not None else None, got_dv if dv is not None else None, dbias)
@@ -110,8 +134,7 @@ class CudaBackend(Backend):
         if p.effective_window is None:
             return None
         with cuda_ext.on_device(bias.device):
-            return cuda_ext.list_selection(bias, mask, window=p.effective_window, Q=p.Q, head_dim=p.D,
-                                           is_causal=p.is_causal)
+            return self._keys(p, bias, mask, cuda_ext.fwd_block_m(p.D))[0]
 
     def visible_mask(self, problem, bias, mask):
         # A debugging helper: the reference's dense computation, exact by definition.
