@@ -5,8 +5,8 @@
 
 Times ``dma_attention(..., backend="triton")`` end to end from the bias (median of
 ``triton.testing.do_bench``), bf16, H=32, H_kv=8, D=128, B=1: T32k and T8k (global scope, causal,
-forward and forward+backward), T32k in the visible scope, and D128k decode (forward). No peers: for
-the comparison with dense attention and FlexAttention use ``python -m dmattn.bench``. Writes
+forward and forward+backward), T32k and T8k in the visible scope, and D128k decode (forward). No
+peers: for the comparison with dense attention and FlexAttention use ``python -m dmattn.bench``. Writes
 ``triton-ab-<tag>.json`` (times in ms, card, versions).
 """
 
@@ -17,7 +17,8 @@ import json
 import pathlib
 
 WORKLOADS = (("T32k", 32768, 32768, 2048, "global", True), ("T8k", 8192, 8192, 1024, "global", True),
-             ("T32k-visible", 32768, 32768, 2048, "visible", True), ("D128k", 1, 131072, 2048, "global", False))
+             ("T32k-visible", 32768, 32768, 2048, "visible", True), ("T8k-visible", 8192, 8192, 1024, "visible", True),
+             ("D128k", 1, 131072, 2048, "global", False))
 
 
 def main() -> None:

@@ -54,11 +54,13 @@ __global__ void __launch_bounds__(32) table_rows_kernel(const DeathParams p, int
     p.rank[row * p.K + x] = int(r);
   }
   int32_t* out = p.table + (row * nc + c) * (nb + 1);
-  for (int64_t b = lane; b <= nb; b += 32) {
+  // Every lane runs every round: the shuffles need the whole warp.
+  for (int64_t b0 = 0; b0 <= nb; b0 += 32) {
+    const int64_t b = b0 + lane;
     const int64_t bound = b * p.bucket;
     int count = 0;
     for (int t = 0; t < 32; ++t) count += __shfl_sync(kFull, x, t) < bound;
-    out[b] = count;
+    if (b <= nb) out[b] = count;
   }
 }
 
