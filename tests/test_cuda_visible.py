@@ -1,6 +1,8 @@
 """The CUDA visible-scope metadata (``kernels/cuda/visible.h``, through ``cuda_ext.visible_death`` and
 ``cuda_ext.visible_lists``): each key's death position against a brute force written from the SPEC
-(``cases.brute_death``), and each query block's alive-key lists against their definition.
+(``cases.brute_death``), and each query block's alive-key lists against their definition; then the
+cuda backend's PREFIX path end to end (forward and every gradient) against the float64 reference,
+with the path switched on (``backends.cuda.PREFIX_PATH``), and the binding's refusals.
 
 Cases: float16/bfloat16/float32 biases, ties with -0.0 next to +0.0 and -inf, masks (one row with
 no candidate at all), w = 1 and w >= K, K of one rank chunk, several, and a search over many
@@ -15,8 +17,10 @@ import itertools
 import pytest
 import torch
 
-from cases import brute_death
+from cases import (Case, assert_close_to_reference, backend_fn, brute_death, make_inputs, reference_fn,
+                   run_with_grads)
 from dmattn import cuda_ext
+from dmattn.backends import cuda as cuda_backend
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_ext.available() and cuda_ext.has_visible()),
@@ -149,3 +153,50 @@ def test_capture_in_a_cuda_graph():
     for r, b in itertools.product(range(2), range(Q // bm)):
         n = int(want[1][0, r, b, 0])
         assert torch.equal(got[0][0, r, b, :n], want[0][0, r, b, :n])
+
+
+PREFIX_CASES = [
+    Case(B=2, Q=100, K=130, H=4, H_kv=2, D=64, window=20, scope="visible", causal=True),  # Q < K, bias (B, H_kv)
+    Case(B=1, Q=150, K=150, H=4, H_kv=1, D=128, window=33, scope="visible", causal=True, bias="b_h_1",
+         softcap=5.0),  # a list per query head: per-head dk/dv partials
+    Case(B=1, Q=90, K=70, H=2, H_kv=2, D=32, window=9, scope="visible", causal=True, bias="1_1_1",
+         mask="b_hkv_1"),  # Q > K: empty rows; a mask folded into death
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=str)
+def test_prefix_path_matches_reference(case, dtype, monkeypatch):
+    if case.D not in cuda_backend.CudaBackend.head_dims:
+        pytest.skip(f"head dim {case.D} not compiled")
+    monkeypatch.setattr(cuda_backend, "PREFIX_PATH", True)
+    q, k, v, bias, mask = make_inputs(case, dtype, "cuda")
+    got = run_with_grads(backend_fn(case, "cuda"), q, k, v, bias, mask)
+    low = run_with_grads(reference_fn(case, dtype), q, k, v, bias, mask)
+    truth = run_with_grads(reference_fn(case, torch.float64), q, k, v, bias, mask)
+    assert_close_to_reference(got, low, truth, dtype, label=f"[{case} {dtype}] ")
+
+
+def test_prefix_binding_refusals():
+    """The binding names what is wrong with PREFIX arguments before any launch."""
+    D = 64
+    if D not in cuda_backend.CudaBackend.head_dims:
+        pytest.skip("head dim 64 not compiled")
+    q = torch.randn(1, 64, 2, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 1, D, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    meta = cuda_ext.visible_selection(bias, None, window=8, Q=64, block_m=cuda_ext.fwd_block_m(D))
+    fwd = dict(idx=meta["idx"], counts=meta["counts"], death=meta["death"])
+    with pytest.raises(ValueError, match="causal"):
+        cuda_ext.forward(q, k, k, bias, None, is_causal=False, **fwd)
+    with pytest.raises(ValueError, match="split"):
+        cuda_ext.forward(q, k, k, bias, None, is_causal=True, splits=2, **fwd)
+    with pytest.raises(ValueError, match="4-D"):
+        cuda_ext.forward(q, k, k, bias, None, is_causal=True, idx=meta["idx"][:, :, 0], counts=meta["counts"][..., 0],
+                         death=meta["death"])
+    with pytest.raises(ValueError, match="mask"):
+        cuda_ext.forward(q, k, k, bias, torch.ones(1, 1, 1, 64, device="cuda", dtype=torch.bool), is_causal=True,
+                         **fwd)
+    with pytest.raises(ValueError, match="death"):
+        cuda_ext.forward(q, k, k, bias, None, is_causal=True, idx=meta["idx"], counts=meta["counts"],
+                         death=meta["death"][..., :32])
