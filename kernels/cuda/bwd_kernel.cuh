@@ -410,8 +410,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   const int tidx = threadIdx.x;
   const int off = p.K - p.Q;
 
-  // LIST: the row's list; PREFIX: the row's ever-alive keys (death_j > j), ascending, and their
-  // count; DENSE: contiguous keys.
+  // LIST: the row's list; PREFIX: the row's ever-alive keys (death_j > j) in the caller's order,
+  // and their count; DENSE: contiguous keys.
   const int32_t* list = nullptr;
   const int32_t* death_row = nullptr;
   int limit = p.K;
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     const int64_t row0 = fwd_impl::selection_row(p, b, h0);
     if (p.death != nullptr) {
       list = p.dkdv_keys + row0 * p.K;
-      limit = p.dkdv_before[row0 * p.K + p.K - 1];
+      limit = p.dkdv_count[row0];
       death_row = p.death + row0 * p.K;
     } else {
       list = p.idx + row0 * p.list_len;

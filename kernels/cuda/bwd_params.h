@@ -32,11 +32,11 @@ struct BwdParams : FwdParams {
   int dkdv_heads = 1;
 
   // PREFIX path (FwdParams::death): the dk/dv kernel tiles each selection row's ever-alive keys
-  // (death_j > j), ascending: dkdv_keys (B_s, H_s, K), of which dkdv_before[row, K - 1] are set
-  // (visible.h's `ever` and `before` workspaces of the lists). The dq kernel walks the forward's
-  // per-block lists (idx/counts for its own block size).
+  // (death_j > j): the first dkdv_count[row] entries of dkdv_keys (B_s, H_s, K), in any order (the
+  // caller's, dmattn.key_order.alive_order: keys born and dying together share a tile). The dq
+  // kernel walks the forward's per-block lists (idx/counts for its own block size).
   const int32_t* dkdv_keys = nullptr;
-  const int32_t* dkdv_before = nullptr;
+  const int32_t* dkdv_count = nullptr;  // (B_s, H_s)
 
   // dbias of a query-broadcast bias: float32 (B, H, K) contiguous, per (batch, query head) the sum
   // over query rows of dS, written once per listed key by the dk/dv kernel.

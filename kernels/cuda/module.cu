@@ -211,6 +211,17 @@ void expect_shape(const AnyCuda& t, const char* name, std::initializer_list<int6
   }
 }
 
+// The data of `t`, checked to be a contiguous T (int32 or int64) tensor of `shape` on `device`.
+template <class T>
+T* int_buffer(const AnyCuda& t, const char* name, int device, std::initializer_list<int64_t> shape) {
+  if (t.dtype() != nb::dtype<T>())
+    throw nb::type_error((std::string(name) + " must be " + (sizeof(T) == 8 ? "int64" : "int32")).c_str());
+  if (t.device_id() != device) throw std::invalid_argument(std::string(name) + " must be on the same CUDA device");
+  expect_shape(t, name, shape);
+  if (!is_contiguous(t)) throw std::invalid_argument(std::string(name) + " must be contiguous");
+  return static_cast<T*>(t.data());
+}
+
 // 16-byte rows for cp.async and vector stores: contiguous head dim, data and every stride of a
 // dimension larger than 1 a multiple of 16 bytes.
 void rows_aligned(const AnyCuda& t, const char* name, int64_t out[3]) {
@@ -422,26 +433,20 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
          std::optional<AnyCuda> dq, std::optional<AnyCuda> dk, std::optional<AnyCuda> dv,
          std::optional<AnyCuda> dbias_keys, std::optional<AnyCuda> ds, double scale, double softcap, bool causal,
          uintptr_t stream, std::optional<AnyCuda> death, std::optional<AnyCuda> dkdv_keys,
-         std::optional<AnyCuda> dkdv_before) {
+         std::optional<AnyCuda> dkdv_count) {
   BwdParams p;
   fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m,
               death);
-  if (death.has_value() != (dkdv_keys.has_value() && dkdv_before.has_value()) ||
-      dkdv_keys.has_value() != dkdv_before.has_value())
-    throw std::invalid_argument("death, dkdv_keys and dkdv_before come together (PREFIX path)");
-  if (death) {
-    const int64_t B_s = idx->shape(0), H_s = idx->shape(1), K_ = p.K;
-    for (auto [t, name] : {std::pair{&*dkdv_keys, "dkdv_keys"}, std::pair{&*dkdv_before, "dkdv_before"}}) {
-      if (t->dtype() != nb::dtype<int32_t>()) throw nb::type_error((std::string(name) + " must be int32").c_str());
-      if (t->device_id() != q.device_id()) throw std::invalid_argument(std::string(name) + " must be on query's CUDA device");
-      expect_shape(*t, name, {B_s, H_s, K_});
-      if (!is_contiguous(*t)) throw std::invalid_argument(std::string(name) + " must be contiguous");
-    }
-    p.dkdv_keys = static_cast<const int32_t*>(dkdv_keys->data());
-    p.dkdv_before = static_cast<const int32_t*>(dkdv_before->data());
-  }
+  if (death.has_value() != (dkdv_keys.has_value() && dkdv_count.has_value()) ||
+      dkdv_keys.has_value() != dkdv_count.has_value())
+    throw std::invalid_argument("death, dkdv_keys and dkdv_count come together (PREFIX path)");
   const int64_t B = p.B, Q = p.Q, K = p.K, H = p.H, H_kv = p.H_kv, D = p.D;
   const int device = q.device_id();
+  if (death) {
+    const int64_t B_s = idx->shape(0), H_s = idx->shape(1);
+    p.dkdv_keys = int_buffer<int32_t>(*dkdv_keys, "dkdv_keys", device, {B_s, H_s, K});
+    p.dkdv_count = int_buffer<int32_t>(*dkdv_count, "dkdv_count", device, {B_s, H_s});
+  }
   if (B * H > 65535) throw std::invalid_argument("B * H must be at most 65535 (CUDA grid limit of the dk/dv kernel)");
 
   expect_shape(dout, "dout", {B, Q, H, D});
@@ -640,17 +645,6 @@ void list_counts(AnyCuda idx, AnyCuda counts, int64_t K, int64_t Q, int64_t bloc
 
 // ---------------------------------------------------------------- visible-scope metadata (visible.h)
 
-// The data of `t`, checked to be a contiguous T (int32 or int64) tensor of `shape` on `device`.
-template <class T>
-T* int_buffer(const AnyCuda& t, const char* name, int device, std::initializer_list<int64_t> shape) {
-  if (t.dtype() != nb::dtype<T>())
-    throw nb::type_error((std::string(name) + " must be " + (sizeof(T) == 8 ? "int64" : "int32")).c_str());
-  if (t.device_id() != device) throw std::invalid_argument(std::string(name) + " must be on the same CUDA device");
-  expect_shape(t, name, shape);
-  if (!is_contiguous(t)) throw std::invalid_argument(std::string(name) + " must be contiguous");
-  return static_cast<T*>(t.data());
-}
-
 void visible_rank_keys(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda keys, uintptr_t stream) {
   dmattn::cuda::SelectParams p;
   p.bias_bits = bias_bits(bias.dtype());
@@ -777,14 +771,16 @@ NB_MODULE(_cuda, m) {
         nb::arg("dv").noconvert().none(), nb::arg("dbias_keys").noconvert().none(), nb::arg("ds").noconvert().none(),
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
         nb::arg("death").none() = nb::none(), nb::arg("dkdv_keys").none() = nb::none(),
-        nb::arg("dkdv_before").none() = nb::none(),
+        nb::arg("dkdv_count").none() = nb::none(),
         "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
         "counts (LIST) per block of bwd_dq_block_m(D) query rows. PREFIX: death with idx/counts of blocks of\n"
-        "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: dkdv_keys, dkdv_before (B_s, H_s, K) int32, the\n"
-        "ever/before workspaces of visible_lists. Workspaces and outputs, all allocated by the\n"
+        "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: the first dkdv_count (B_s, H_s) int32 entries of\n"
+        "each row of dkdv_keys (B_s, H_s, K) int32 (its ever-alive keys, tiled in that order). Workspaces and outputs, all allocated by the\n"
         "caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D) in q's dtype, or float32\n"
         "(B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys float32 (B, H, K)\n"
         "(query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled. Deterministic.");
+  m.def("bwd_dkdv_block_n", &dmattn::cuda::bwd_dkdv_block_n, nb::arg("head_dim"),
+        "Keys per thread block of the CUDA dk/dv kernel for a head dim (the tile of the PREFIX key order).");
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
   m.def("set_fwd_sm90_enabled", &dmattn::cuda::set_fwd_sm90_enabled, nb::arg("enabled"),

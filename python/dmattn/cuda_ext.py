@@ -209,8 +209,9 @@ def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: b
 
 
 def has_visible() -> bool:
-    """Whether the module carries the visible-scope metadata kernels (older builds do not)."""
-    return _cuda is not None and hasattr(_cuda, "visible_death")
+    """Whether the module carries the visible-scope (PREFIX) kernels and their dk/dv tile size
+    (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "visible_death") and hasattr(_cuda, "bwd_dkdv_block_n")
 
 
 def visible_death(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, rows: Optional[tuple] = None, *,
@@ -280,14 +281,23 @@ def visible_lists(death: torch.Tensor, *, Q: int, window: int, block_m: int) -> 
 
 
 def visible_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, block_m: int,
-                      rows: Optional[tuple] = None) -> dict:
+                      rows: Optional[tuple] = None, dkdv_block_n: Optional[int] = None) -> dict:
     """The PREFIX metadata of a causal visible-scope call with a query-broadcast bias (and mask),
     for query blocks of ``block_m`` rows: keyword arguments of ``forward``/``backward`` (idx,
-    counts, death) and of ``backward`` alone (dkdv_keys, dkdv_before). The mask is folded into
-    death, so the kernels take none."""
+    counts, death), and with ``dkdv_block_n`` (``bwd_dkdv_block_n(D)``) those of ``backward``'s
+    dk/dv kernel too: each row's ever-alive keys in ``key_order.alive_order`` (tiles of keys born
+    and dying close together) and their count. The mask is folded into death, so the kernels take
+    none."""
+    from .key_order import alive_order
+
     death = visible_death(bias, mask, window, rows)
-    idx, counts, ever, before = visible_lists(death, Q=Q, window=window, block_m=block_m)
-    return dict(idx=idx, counts=counts, death=death, dkdv_keys=ever, dkdv_before=before)
+    idx, counts, _, _ = visible_lists(death, Q=Q, window=window, block_m=block_m)
+    meta = dict(idx=idx, counts=counts, death=death)
+    if dkdv_block_n is not None:
+        B_s, H_s, K = death.shape
+        order, n_alive = alive_order(death.view(B_s * H_s, K), window, dkdv_block_n)
+        meta.update(dkdv_keys=order.view(B_s, H_s, K), dkdv_count=n_alive.view(B_s, H_s))
+    return meta
 
 
 def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, head_dim: int,
@@ -307,14 +317,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
             mask: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, softcap: Optional[float] = None,
             is_causal: bool = False, idx: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, splits: Optional[int] = None,
-            death: Optional[torch.Tensor] = None, dkdv_keys=None, dkdv_before=None):
+            death: Optional[torch.Tensor] = None):
     """The CuTe forward: ``(out (B, Q, H, D) in q's dtype, lse (B, H, Q) float32)``.
 
     q (B, Q, H, D), k/v (B, K, H_kv, D) float16/bfloat16 on one GPU (sm_80+); bias and mask
     (B|1, H|H_kv|1, Q|1, K), bias of any float dtype. Keys: DENSE (every key up to the causal limit,
     bias/mask tested per element) unless ``idx``/``counts`` from ``list_selection`` give the LIST
     path; with ``death`` too (``visible_selection``, blocks of ``fwd_block_m(D)`` rows) the PREFIX
-    path of the visible scope (dkdv_keys/dkdv_before are the backward's and ignored here).
+    path of the visible scope.
     ``out``/``lse`` may be passed in (contiguous) to be filled. ``splits``: None runs the split
     (decode) forward with ``split_count`` splits where that is > 0 (never on the PREFIX path); 0
     forces the one-block-per-query-block kernel, n > 0 the split forward with at most n splits
@@ -350,6 +360,11 @@ def has_backward() -> bool:
     return _cuda is not None and hasattr(_cuda, "bwd")
 
 
+def bwd_dkdv_block_n(head_dim: int) -> int:
+    """Keys per thread block of the CUDA dk/dv kernel: the tile of the PREFIX path's key order."""
+    return _cuda.bwd_dkdv_block_n(head_dim)
+
+
 def bwd_dq_block_m(head_dim: int) -> int:
     """Query rows per thread block of the CUDA dq kernel: the block size of the backward's LIST counts."""
     return _cuda.bwd_dq_block_m(head_dim)
@@ -362,12 +377,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              need_dbias: Optional[bool] = None, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
              dv: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None,
              death: Optional[torch.Tensor] = None, dkdv_keys: Optional[torch.Tensor] = None,
-             dkdv_before: Optional[torch.Tensor] = None):
+             dkdv_count: Optional[torch.Tensor] = None):
     """The CuTe backward of ``forward``: ``(dq, dk, dv, dbias)``, each None when not wanted.
 
     Same inputs as ``forward`` (the LIST path takes ``idx`` from ``list_selection``; its counts are
     rebuilt for the dq kernel's block size; the PREFIX path takes all of ``visible_selection`` for
-    blocks of ``bwd_dq_block_m(D)`` rows), plus ``out``/``lse`` of the forward and the cotangent
+    blocks of ``bwd_dq_block_m(D)`` rows and ``dkdv_block_n=bwd_dkdv_block_n(D)``), plus
+    ``out``/``lse`` of the forward and the cotangent
     ``dout``. dbias (wanted by default when there is a bias) is returned in the bias's shape and
     dtype. ``dq``/``dk``/``dv`` may be passed in (contiguous, q's dtype) to be filled. Deterministic:
     no atomics anywhere.
@@ -424,7 +440,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         stream = current_stream(dev)
         prefix = {}
         if death is not None:
-            prefix = dict(zip(("death", "dkdv_keys", "dkdv_before"), dlpack(death, dkdv_keys, dkdv_before)))
+            prefix = dict(zip(("death", "dkdv_keys", "dkdv_count"), dlpack(death, dkdv_keys, dkdv_count)))
         _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
                           ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),

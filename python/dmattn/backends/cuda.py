@@ -84,17 +84,20 @@ class CudaBackend(Backend):
                         "(its rank keys pack 16- or 32-bit values; the triton backend implements it)"]
         return []
 
-    def _keys(self, problem, bias, mask, block_m: int):
-        """``(metadata, kernel_mask)``: the keyword arguments of ``cuda_ext.forward``/``backward``
-        for a windowed call, for query blocks of ``block_m`` rows (LIST: idx and counts; PREFIX:
-        ``cuda_ext.visible_selection``; the mask folded into both), else DENSE (no metadata, the
-        mask tested per element)."""
+    def _keys(self, problem, bias, mask, block_m: int, backward: bool = False):
+        """``(metadata, kernel_mask)``: the keyword arguments of ``cuda_ext.forward`` (or, with
+        ``backward``, ``cuda_ext.backward``) for a windowed call, for query blocks of ``block_m``
+        rows (LIST: idx and counts; PREFIX: ``cuda_ext.visible_selection``, in the backward with
+        the dk/dv kernel's key order; the mask folded into both), else DENSE (no metadata, the mask
+        tested per element)."""
         p = problem
         w = p.effective_window
         if w is None:
             return {}, mask
         if p.ranks_prefixes:  # reasons() leaves only query-broadcast bias and mask here
-            return cuda_ext.visible_selection(bias, mask, window=w, Q=p.Q, block_m=block_m), None
+            meta = cuda_ext.visible_selection(bias, mask, window=w, Q=p.Q, block_m=block_m,
+                                              dkdv_block_n=cuda_ext.bwd_dkdv_block_n(p.D) if backward else None)
+            return meta, None
         meta = cuda_ext.list_selection(bias, mask, window=w, Q=p.Q, head_dim=p.D, is_causal=p.is_causal)
         if meta is None:
             # reasons() declines every windowed call that has no LIST path, so this is a bug there.
@@ -120,7 +123,7 @@ class CudaBackend(Backend):
         dv_buf = dv if dv is not None or not need_dkdv else new_output(v.shape, v.dtype, v.device)
         with cuda_ext.on_device(q.device):
             # LIST: the backward rebuilds the counts for its dq block size from idx.
-            meta, kernel_mask = self._keys(p, bias, mask, cuda_ext.bwd_dq_block_m(p.D))
+            meta, kernel_mask = self._keys(p, bias, mask, cuda_ext.bwd_dq_block_m(p.D), backward=True)
             got_dq, got_dk, got_dv, got_dbias = cuda_ext.backward(
                 dout, q, k, v, out, lse, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
                 is_causal=p.is_causal, need_dq=dq is not None, need_dkdv=need_dkdv,
