@@ -775,10 +775,11 @@ NB_MODULE(_cuda, m) {
         "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
         "counts (LIST) per block of bwd_dq_block_m(D) query rows. PREFIX: death with idx/counts of blocks of\n"
         "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: the first dkdv_count (B_s, H_s) int32 entries of\n"
-        "each row of dkdv_keys (B_s, H_s, K) int32 (its ever-alive keys, tiled in that order). Workspaces and outputs, all allocated by the\n"
-        "caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D) in q's dtype, or float32\n"
-        "(B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys float32 (B, H, K)\n"
-        "(query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled. Deterministic.");
+        "each row of dkdv_keys (B_s, H_s, K) int32 (its ever-alive keys, tiled in that order). Workspaces and\n"
+        "outputs, all allocated by the caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D)\n"
+        "in q's dtype, or float32 (B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys\n"
+        "float32 (B, H, K) (query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled.\n"
+        "Deterministic.");
   m.def("bwd_dkdv_block_n", &dmattn::cuda::bwd_dkdv_block_n, nb::arg("head_dim"),
         "Keys per thread block of the CUDA dk/dv kernel for a head dim (the tile of the PREFIX key order).");
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
