@@ -254,3 +254,14 @@ def brute_death(values: torch.Tensor, allowed, window: int) -> torch.Tensor:
     better = ok[:, None] & ((v[:, None] > v[None, :]) | ((v[:, None] == v[None, :]) & (i[:, None] < i[None, :])))
     death = (better.int().cumsum(0) < window).sum(0)  # first position where w better keys are in
     return torch.where(ok, torch.maximum(death, i), i).to(torch.int32)
+
+
+def ranking_values(rows: int, K: int, kind: str, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """(rows, K) bias rows for the selection tests: ``random`` normal values, or ``ties``: three
+    values (-0.5, 0, 0.5) with -0.0 next to +0.0 and -inf among them."""
+    if kind == "ties":
+        t = torch.randint(-1, 2, (rows, K), generator=g) * 0.5
+        t[:, 1::5] = -0.0
+        t[:, 3::7] = float("-inf")
+        return t.to(dtype)
+    return torch.randn(rows, K, generator=g).to(dtype)

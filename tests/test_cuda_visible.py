@@ -17,8 +17,8 @@ import itertools
 import pytest
 import torch
 
-from cases import (Case, assert_close_to_reference, backend_fn, brute_death, make_inputs, reference_fn,
-                   run_with_grads)
+from cases import (Case, assert_close_to_reference, backend_fn, brute_death, make_inputs, ranking_values,
+                   reference_fn, run_with_grads)
 from dmattn import cuda_ext
 from dmattn.backends import cuda as cuda_backend
 
@@ -39,15 +39,6 @@ def garbage_workspaces(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def _values(rows, K, kind, dtype, g):
-    if kind == "ties":
-        t = torch.randint(-1, 2, (rows, K), generator=g) * 0.5
-        t[:, 1::5] = -0.0
-        t[:, 3::7] = float("-inf")
-        return t.to(dtype)
-    return torch.randn(rows, K, generator=g).to(dtype)
-
-
 def _death(values, allowed, w, **kw):
     """visible_death of (rows, K) values as a (1, rows, 1, K) bias, back as (rows, K) on the CPU."""
     bias = values.view(1, *values.shape[:1], 1, -1).cuda()
@@ -62,7 +53,7 @@ def test_death_matches_brute_force(kind, dtype):
     for K, w, masked in itertools.product([1, 2, 31, 33, 300, 1100, 4099], [1, 2, 17, 64, 500], [False, True]):
         if w > K:
             continue
-        values = _values(3, K, kind, dtype, g)
+        values = ranking_values(3, K, kind, dtype, g)
         allowed = torch.rand(3, K, generator=g) < 0.55 if masked else None
         if masked:
             allowed[0] = False  # a row with no candidate at all
@@ -76,7 +67,7 @@ def test_death_matches_brute_force(kind, dtype):
 def test_death_other_buckets(bucket):
     g = torch.Generator().manual_seed(11)
     for K, w, masked in [(1100, 17, True), (1100, 500, False), (300, 1, False), (65, 2, True), (20000, 700, False)]:
-        values = _values(2, K, "ties" if masked else "random", torch.bfloat16, g)
+        values = ranking_values(2, K, "ties" if masked else "random", torch.bfloat16, g)
         allowed = torch.rand(2, K, generator=g) < 0.55 if masked else None
         got = _death(values, allowed, w, bucket=bucket)
         for r in range(2):

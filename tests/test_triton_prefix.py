@@ -9,19 +9,10 @@ import itertools
 import pytest
 import torch
 
-from cases import SELECTION_DEVICES, brute_death
+from cases import SELECTION_DEVICES, brute_death, ranking_values
 from dmattn.kernels.triton import prefix
 
 DEVICES = SELECTION_DEVICES
-
-
-def _values(rows, K, kind, dtype, g):
-    if kind == "ties":
-        t = torch.randint(-1, 2, (rows, K), generator=g) * 0.5
-        t[:, 1::5] = -0.0
-        t[:, 3::7] = float("-inf")
-        return t.to(dtype)
-    return torch.randn(rows, K, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -33,7 +24,7 @@ def test_death_matches_brute_force(kind, dtype, device):
     for K, w, masked in itertools.product([1, 2, 63, 65, 300, 1100], [1, 2, 17, 64, 500], [False, True]):
         if w >= K:
             continue
-        values = _values(3, K, kind, dtype, g)
+        values = ranking_values(3, K, kind, dtype, g)
         allowed = torch.rand(3, K, generator=g) < 0.55 if masked else None
         if masked:
             allowed[0] = False  # a row with no candidate at all
@@ -50,7 +41,7 @@ def test_death_other_tiles_match_brute_force(tiles, device):
     at these K): bucket picks in several slices, chunks wider than buckets and the reverse."""
     g = torch.Generator().manual_seed(11)
     for K, w, masked in [(1100, 17, True), (1100, 500, False), (300, 1, False), (300, 64, True), (65, 2, False)]:
-        values = _values(2, K, "ties" if masked else "random", torch.bfloat16, g)
+        values = ranking_values(2, K, "ties" if masked else "random", torch.bfloat16, g)
         allowed = torch.rand(2, K, generator=g) < 0.55 if masked else None
         got = prefix.death_positions(values.to(device), None if allowed is None else allowed.to(device), w,
                                      tiles=tiles)
@@ -65,7 +56,7 @@ def test_rank_order_is_the_stable_sort(K, dtype):
     """``rank_order``'s packed keys (int32 up to K = 32768 for 16-bit values, int64 above and for
     float32) order keys as a stable descending sort of the values does, masked keys last."""
     g = torch.Generator().manual_seed(5)
-    values = _values(2, K, "ties", dtype, g)
+    values = ranking_values(2, K, "ties", dtype, g)
     values[1] = torch.randn(K, generator=g).to(dtype)
     for allowed in (None, torch.rand(2, K, generator=g) < 0.5):
         got = prefix.rank_order(values, allowed)
@@ -88,7 +79,7 @@ def test_keys_kernel_matches_the_definition(K, dtype, device):
     int64 layouts, ties, -0.0 and -inf, a mask per row and one shared by the rows (stride 0), and
     values read through a key stride of 2."""
     g = torch.Generator().manual_seed(13)
-    wide = _values(2, 2 * K, "ties", dtype, g)
+    wide = ranking_values(2, 2 * K, "ties", dtype, g)
     wide[1] = torch.randn(2 * K, generator=g).to(dtype)
     for values in (wide[:, :K], wide[:, ::2]):
         for allowed in (None, torch.rand(2, K, generator=g) < 0.5, (torch.rand(1, K, generator=g) < 0.5).expand(2, K)):
