@@ -2,7 +2,7 @@
 ``cuda_ext.visible_lists``): each key's death position against a brute force written from the SPEC
 (``cases.brute_death``), and each query block's alive-key lists against their definition; then the
 cuda backend's PREFIX path end to end (forward and every gradient) against the float64 reference,
-with the path switched on (``backends.cuda.PREFIX_PATH``), and the binding's refusals.
+and the binding's refusals.
 
 Cases: float16/bfloat16/float32 biases, ties with -0.0 next to +0.0 and -inf, masks (one row with
 no candidate at all), w = 1 and w >= K, K of one rank chunk, several, and a search over many
@@ -157,10 +157,9 @@ PREFIX_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", PREFIX_CASES, ids=str)
-def test_prefix_path_matches_reference(case, dtype, monkeypatch):
+def test_prefix_path_matches_reference(case, dtype):
     if case.D not in cuda_backend.CudaBackend.head_dims:
         pytest.skip(f"head dim {case.D} not compiled")
-    monkeypatch.setattr(cuda_backend, "PREFIX_PATH", True)
     q, k, v, bias, mask = make_inputs(case, dtype, "cuda")
     got = run_with_grads(backend_fn(case, "cuda"), q, k, v, bias, mask)
     low = run_with_grads(reference_fn(case, dtype), q, k, v, bias, mask)

@@ -95,32 +95,28 @@ def test_cuda_declarations():
         assert b.reasons(dispatch_problem()) == [f"not available: {b.load_error()}"]
 
 
-@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "default"])
 @pytest.mark.parametrize("has_visible", [True, False], ids=["visible-kernels", "older-module"])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("Q,scope,causal", [(8, "visible", True), (8, "global", True), (8, "visible", False),
                                             (1, "visible", True)])
-def test_cuda_reasons_for_the_visible_prefix_path(Q, scope, causal, bias_dtype, has_visible, enabled, monkeypatch):
+def test_cuda_reasons_for_the_visible_prefix_path(Q, scope, causal, bias_dtype, has_visible, monkeypatch):
     """The CUDA backend computes the visible scope with causality and Q > 1 (each query's own top-w
-    of its prefix, the PREFIX path) when the path is enabled (``DMATTN_CUDA_PREFIX=1`` until it is
-    verified on a GPU) and its module has the visible-scope kernels, over a 16- or 32-bit bias;
-    otherwise it declines, and the reason points to the backend that has one."""
+    of its prefix, the PREFIX path) when its module has the visible-scope kernels, over a 16- or
+    32-bit bias; otherwise it declines, and the reason points to the backend that has one."""
     from dmattn import cuda_ext
-    from dmattn.backends import cuda as cuda_backend
     from dmattn.problem import make_problem
     monkeypatch.setattr(cuda_ext, "has_visible", lambda: has_visible)
-    monkeypatch.setattr(cuda_backend, "PREFIX_PATH", enabled)
     q = torch.randn(1, Q, 4, 32)
     k = torch.randn(1, 8, 2, 32)
     bias = torch.randn(1, 2, 1, 8, dtype=bias_dtype)
     p = make_problem(q, k, k, bias, window=4, topk_scope=scope, is_causal=causal)
     why = BACKENDS["cuda"].extra_reasons(p)
     prefix = Q > 1 and scope == "visible" and causal
-    declined = prefix and (not enabled or not has_visible or bias_dtype == torch.float64)
+    declined = prefix and (not has_visible or bias_dtype == torch.float64)
     assert bool(why) == declined
     if declined:
         assert "triton" in why[0] and "visible" in why[0]
-        assert ("float64" in why[0]) == (enabled and has_visible)
+        assert ("float64" in why[0]) == has_visible
     if Q == 1:
         return
     # Per-query bias: the declared feature says it, not a second reason.

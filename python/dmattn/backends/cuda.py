@@ -14,24 +14,17 @@ LIST and DENSE paths run the split forward (``kernels/cuda/fwd_split.h``: each l
 many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. A window over a
 per-query bias or mask has no CUDA path: the Triton backend computes it. Nothing here needs Triton.
 
-Registered after ``triton`` because it is slower today (T32k forward 2.78 vs 2.51 ms on H200), so
+Registered after ``triton`` because it is slower today (H200, harness v6: T32k forward 2.78 vs 1.40
+ms; visible scope T32k forward 6.55 vs 3.86 ms, docs/performance.md), so
 ``backend="auto"`` picks it only when Triton declines; ``backend="cuda"`` runs it by name.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import cuda_ext, reference
 from .base import ALL_FEATURES, Backend, forward_outputs, gradient_outputs, new_output, plain
-
-
-# The PREFIX path (visible scope, causal, Q > 1) landed compiled but not yet run on a GPU, so the
-# backend declines it unless DMATTN_CUDA_PREFIX=1: tests/test_cuda_visible.py and the shared matrix
-# under that switch are what turn it on by default.
-PREFIX_PATH = os.environ.get("DMATTN_CUDA_PREFIX", "0") == "1"
 
 
 def _load_error():
@@ -72,10 +65,6 @@ class CudaBackend(Backend):
     def extra_reasons(self, problem):
         p = problem
         if p.effective_window is not None and p.ranks_prefixes and p.query_broadcast:
-            if not PREFIX_PATH:
-                return ["does not yet run the visible top-k scope with is_causal and Q > 1 by default (its kernels "
-                        "are not yet verified on a GPU: DMATTN_CUDA_PREFIX=1 enables them; the triton backend "
-                        "implements it)"]
             if not cuda_ext.has_visible():
                 return ["was built without the visible-scope kernels (the visible top-k scope with is_causal "
                         "and Q > 1; the triton backend implements it)"]
