@@ -162,7 +162,8 @@ def _alive(offs_m, offs_n, n_ok, death, off):
     SASS with Triton 3.6 (benchmarks/triton_sass.py, T-like bf16 D 128), instructions per tested
     loop step: forward 2294 -> 2162, dq 1136 -> 995, dk/dv 1042 -> 969 (born keys) and 1045 -> 991
     (dying keys), with fewer spills; FULL loops, which do not test, moved by register allocation:
-    dk/dv 812 -> 779, forward 913 -> 938. Not yet timed on a GPU."""
+    dk/dv 812 -> 779, forward 913 -> 938. Timed (H200, T32k visible): training gains 0.3 ms, the
+    forward's list tiles lose 0.14 ms and keep two compares (``_prefix_scores``'s ONE_COMPARE)."""
     span = tl.where(n_ok, death - offs_n, 0).to(tl.uint32)  # [BLOCK_N]; death_j >= j
     return (offs_m[:, None] + off - offs_n[None, :]).to(tl.uint32) < span[None, :]
 
@@ -467,15 +468,28 @@ def _prefix_keys(Idx, idx_row, start, limit, K, BLOCK_N: tl.constexpr, FULL: tl.
 
 @triton.jit
 def _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row,
-                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr,
+                   ONE_COMPARE: tl.constexpr):
     """``_scores`` of a PREFIX tile (causal always): bias values from the block's list copy BL at
     list positions ``pos``; on tested tiles the causal and death tests of the tile's own key
     indices ``offs_n``, loaded once for the gather too. Same arithmetic in the same order as
-    ``_scores`` (bias added before the -inf select), so the result is the same to the bit."""
+    ``_scores`` (bias added before the -inf select), so the result is the same to the bit.
+
+    ONE_COMPARE picks ``_alive``'s unsigned compare over two signed ones. Both are exact; they
+    differ in speed only, and not the same way in both kernels (H200, Triton 3.6, T32k visible,
+    benchmarks/triton_ab.py, two alternating runs each): dq gains with it (fwd+bwd 18.08 -> 17.82
+    ms), the forward loses (3.71 -> 3.85 ms), so the forward passes False."""
     s, t = _list_scores(q, k, pos, n_ok, BL, idx_row, scale, softcap, HAS_BIAS, SOFTCAP, UPCAST, FULL)
     if not FULL:
+        # padding entries read death 0, and rows past Q have limits >= K >= every death, so
+        # neither form needs the row or entry bounds as terms of their own
         death = tl.load(Dth + row * K + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
-        s = tl.where(_alive(offs_m, offs_n, n_ok, death, off), s, float("-inf"))
+        if ONE_COMPARE:
+            alive = _alive(offs_m, offs_n, n_ok, death, off)
+        else:
+            limit = offs_m[:, None] + off  # [BLOCK_M, 1]
+            alive = (offs_n[None, :] <= limit) & (death[None, :] > limit)
+        s = tl.where(alive, s, float("-inf"))
     return s, t
 
 
@@ -494,7 +508,7 @@ def _prefix_fwd_tile(acc, m_i, l_i, q, start, limit, Idx, idx_row, BL, Dth, row,
     pos, offs_n, n_ok = _prefix_keys(Idx, idx_row, start, limit, K, BLOCK_N, FULL)
     k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     s, t = _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row, HAS_BIAS,
-                          SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+                          SOFTCAP, UPCAST, FULL, False)  # [BLOCK_M, BLOCK_N]
     p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
     v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
@@ -717,7 +731,7 @@ def _prefix_dq_tile(dq, q, do, lse2, delta, start, limit, Idx, idx_row, BL, Dth,
     k = _kv_rows(k_base, offs_n, skn, n_ok, offs_d, skd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     v = _kv_rows(v_base, offs_n, svn, n_ok, offs_d, svd, D, BLOCK_D, FULL)  # [BLOCK_N, BLOCK_D]
     s, t = _prefix_scores(q, k, pos, offs_n, n_ok, BL, idx_row, offs_m, off, K, scale, softcap, Dth, row, HAS_BIAS,
-                          SOFTCAP, UPCAST, FULL)  # [BLOCK_M, BLOCK_N]
+                          SOFTCAP, UPCAST, FULL, True)  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
     dp = _dot(do, tl.trans(v), UPCAST)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
