@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", required=True, help="names the checkout in the output")
     ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--workloads", nargs="+", help="names or prefixes of names to time (default: all)")
     args = ap.parse_args()
     import torch
     import triton
@@ -41,6 +42,8 @@ def main() -> None:
         print(f"{args.tag} {name} {t:.4f} ms", flush=True)
 
     for name, Q, K, w, scope, with_bwd in WORKLOADS:
+        if args.workloads and not any(name.startswith(x) for x in args.workloads):
+            continue
         def rand(*shape):
             return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
         q, k, v, b = rand(1, Q, 32, 128), rand(1, K, 8, 128), rand(1, K, 8, 128), rand(1, 8, 1, K)

@@ -42,17 +42,17 @@ def test_smoke_pipeline(tmp_path):
     assert path.with_suffix(".png").exists() == has_mpl
 
 
-def test_decode_graph_times_in_markdown():
-    """Decode rows with a CUDA-graph time (GPU runs only) get their own table next to the eager ms;
+def test_graph_times_in_markdown():
+    """Forward rows with a CUDA-graph time (GPU runs only) get their own table next to the eager ms;
     rows without one (every CPU row) leave it out."""
     machine = dict(card="H200", date="2026-11-28", torch="2", triton="3", cuda="13", driver="580")
     row = dict(workload="D128k", impl="dmattn:triton", status="ok", ms=0.3, tflops=0.1, notes=[])
     report = dict(machine=machine, impls=["dmattn:triton"], correctness=[],
                   results=[dict(row, **{"pass": "fwd"}, graph_ms=0.038)])
     md = bench.markdown(report)
-    assert "Decode in a CUDA graph" in md and "| D128k | dmattn:triton | 0.3 | 0.038 |" in md
+    assert "Forward calls in a CUDA graph" in md and "| D128k | dmattn:triton | 0.3 | 0.038 |" in md
     report["results"][0].pop("graph_ms")
-    assert "Decode in a CUDA graph" not in bench.markdown(report)
+    assert "in a CUDA graph" not in bench.markdown(report)
 
 
 def test_filters_and_user_shape(tmp_path):

@@ -19,9 +19,10 @@ What one run does, per workload (bf16, random data, never zeros):
    include their selection; FlexAttention's selection (per-key tables plus ``create_block_mask``) is
    timed on its own and added to its attention-only time, both are reported. For dmattn rows the
    selection column times ``dmattn.topk_indices`` as a proxy (the backends select inside the call).
-   Decode rows (Q = 1, forward) also time one call captured in a CUDA graph and replayed
-   (``graph_ms``): the GPU time without the host's launch work, which dominates an eager decode
-   call of every implementation; a serving loop that captures its decode step pays that.
+   Forward rows also time one call captured in a CUDA graph and replayed (``graph_ms``): the GPU
+   time without the host's launch work, which dominates an eager decode call of every
+   implementation and part of calls of a few hundred microseconds (T8k); a serving loop that
+   captures its decode step pays that.
 3. Report: median ms, useful TFLOP/s (only visible (query, key) pairs count: 4*D*pairs forward,
    3.5x that for fwd+bwd), peak GPU memory above the inputs, ratios against the faster dense peer;
    a JSON file, a Markdown file and a PNG plot (time against sequence length, the T family) named
@@ -688,7 +689,7 @@ def time_impl(name: str, build, x: dict, wl: Workload, pas: str, device, args, s
                 sel_cache[key] = bench_ms(runner.select, device, args.warmup_ms, args.rep_ms)
         row["selection_ms"] = sel_cache[key]
         row["selection_what"] = runner.select_note
-    if device.type == "cuda" and not grad and wl.Q == 1 and runner.e2e is None:
+    if device.type == "cuda" and not grad and runner.e2e is None:
         row["graph_ms"], why = graph_ms(attn, device, args.warmup_ms, args.rep_ms)
         if why:
             row["notes"].append(f"no CUDA-graph time: {why}")
@@ -784,8 +785,8 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r.get('selection_ms'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('peak_mib'))} | {ratio} |")
     graphs = [r for r in report["results"] if r["status"] == "ok" and r.get("graph_ms") is not None]
     if graphs:
-        lines += ["", "Decode in a CUDA graph (replay of one captured call: its GPU time without the host's "
-                  "launch work; eager = the ms above):", "", "| workload | impl | eager ms | graph ms |",
+        lines += ["", "Forward calls in a CUDA graph (replay of one captured call: its GPU time without the "
+                  "host's launch work; eager = the ms above):", "", "| workload | impl | eager ms | graph ms |",
                   "|---|---|---|---|"]
         lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} |" for r in graphs]
     lines += ["", "Not timed (reasons):", ""]
