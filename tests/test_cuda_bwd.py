@@ -275,6 +275,34 @@ def test_list_per_head_lists_mqa():
          torch.float16, path="list")
 
 
+SPLIT_CASES = [
+    Case(B=2, Q=129, K=257, H=4, H_kv=2, D=64, bias="b_hkv_1", window=100, scope="global", causal=True),
+    Case(B=1, Q=200, K=400, H=8, H_kv=1, D=128, bias="1_1_1", window=64, scope="global"),  # MQA, one list
+    # ~70% of the keys allowed, w = 190 of 200: every list ends in padding entries (key K)
+    Case(B=2, Q=90, K=200, H=4, H_kv=2, D=64, mask="b_hkv_1", window=190, scope="global", causal=True),
+    Case(B=1, Q=70, K=300, H=6, H_kv=2, D=96, window=130, scope="global", causal=True, softcap=10.0),
+]
+
+
+@pytest.mark.parametrize("waves", [0, 2], ids=["per-kv-head", "split"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_list_split_dkdv(case, waves, monkeypatch):
+    """GQA/MQA on the LIST path with one list per kv head (or one for all): the dk/dv kernel per kv
+    head looping over its query heads (waves 0), or per query head with float32 partials by list
+    position summed per kv head by a second kernel (``cuda_ext.split_dkdv``), both against the
+    reference; the split is also bitwise deterministic."""
+    _need_head_dim(case.D)
+    monkeypatch.setattr(cuda_ext, "SPLIT_DKDV_WAVES", waves)
+    W = min(case.window, case.K)
+    assert cuda_ext.split_dkdv(case.B, case.H, case.H_kv, W, case.D, torch.cuda.current_device()) == (waves > 0)
+    inputs = make_inputs(case, torch.bfloat16, "cuda")
+    first = _run(case, torch.bfloat16, path="list", inputs=inputs)
+    if waves:
+        again = _grads(case, torch.bfloat16, inputs, path="list")[:4]
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), first, again):
+            assert torch.equal(a, b), f"{name} differs between two runs"
+
+
 def test_list_softcap():
     _run(Case(B=1, Q=200, K=200, H=2, H_kv=1, D=128, window=64, scope="global", causal=True, softcap=20.0),
          torch.float16, path="list")
@@ -323,9 +351,10 @@ def _raw_bwd(q, k, v, bias=None, **over):
                 dout=torch.zeros_like(q), bias=bias, mask=None, idx=None, counts=None,
                 delta=torch.empty(B, H, Q, device="cuda"), dq=torch.empty_like(q), dk=torch.empty_like(k),
                 dv=torch.empty_like(v), dbias_keys=None, ds=None)
+    extra = {name: over.pop(name) for name in ("dkdv_part",) if name in over}
     args.update(over)
     stream = torch.cuda.current_stream().cuda_stream
-    cuda_ext._cuda.bwd(*args.values(), scale=D ** -0.5, softcap=0.0, causal=False, stream=stream)
+    cuda_ext._cuda.bwd(*args.values(), scale=D ** -0.5, softcap=0.0, causal=False, stream=stream, **extra)
 
 
 @pytest.mark.parametrize("over, exc, words", [
@@ -364,6 +393,21 @@ def test_per_head_lists_need_float32_partials():
     with pytest.raises(TypeError) as err:
         _raw_bwd(q, k, v, bias, idx=idx, counts=counts, **wrong)
     assert "float32" in str(err.value) and "per-head" in str(err.value)
+
+
+def test_dkdv_part_refusals():
+    """The split dk/dv's partials: LIST only, with lists per kv head, in the exact layout."""
+    q, k, v = _small()  # H 2, H_kv 1, K 8
+    _need_head_dim(q.shape[-1])
+    idx = torch.arange(4, device="cuda", dtype=torch.int32).view(1, 1, 4)
+    counts = torch.full((1, 1, 1), 4, device="cuda", dtype=torch.int32)
+    part = torch.empty(2, 1, 2, 4, 128, device="cuda")
+    with pytest.raises(ValueError, match="dkdv_part is for the LIST path"):
+        _raw_bwd(q, k, v, dkdv_part=part)  # no idx
+    with pytest.raises(ValueError, match="dkdv_part"):
+        _raw_bwd(q, k, v, idx=idx, counts=counts, dkdv_part=part[:, :, :, :3])
+    with pytest.raises(TypeError, match="dkdv_part"):
+        _raw_bwd(q, k, v, idx=idx, counts=counts, dkdv_part=part.to(torch.bfloat16))
 
 
 def test_block_m_matches_the_counts_layout():

@@ -17,6 +17,8 @@ constexpr int kDeltaWarps = 8;
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
 
 // delta[b, h, q] = sum_d dout[b, q, h, d] * out[b, q, h, d] in float32: one warp per row. Rows with
 // no visible key have out = 0 and get delta = 0.
@@ -47,6 +49,45 @@ void launch_delta(const BwdParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "dma_bwd_delta_kernel launch");
 }
 
+// dkdv_part (bwd_params.h): one thread block per (b, kv head g, list position), threads over the
+// head dim. The group's float32 partials are summed in head order (deterministic, no atomics) and
+// written to the dk/dv row of the listed key; padding entries (key K) have no partials and no row.
+// Keys in no list keep the zeros the caller wrote.
+template <class T>
+__global__ void dma_bwd_dkdv_reduce_kernel(const BwdParams p) {
+  const int64_t pos = blockIdx.x;
+  const int g = int(blockIdx.y) % p.H_kv;
+  const int b = int(blockIdx.y) / p.H_kv;
+  const int group = p.H / p.H_kv;
+  const int key = p.idx[selection_row(p, b, g * group) * p.list_len + pos];
+  if (key < 0 || key >= p.K) return;
+  const int64_t half = int64_t(p.B) * p.H * p.list_len * p.D;
+  const float* part = p.dkdv_part + ((int64_t(b) * p.H + int64_t(g) * group) * p.list_len + pos) * p.D;
+  const int64_t head_step = p.list_len * p.D;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + key * p.dk_stride[1] + g * p.dk_stride[2];
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride[0] + key * p.dv_stride[1] + g * p.dv_stride[2];
+  for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
+    float sk = 0.f, sv = 0.f;
+    for (int j = 0; j < group; ++j) {
+      sk += part[j * head_step + d];
+      sv += part[half + j * head_step + d];
+    }
+    from_float(sk, dk + d);
+    from_float(sv, dv + d);
+  }
+}
+
+void launch_dkdv_reduce(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.list_len), unsigned(int64_t(p.B) * p.H_kv));
+  const unsigned threads = unsigned(p.D <= 64 ? 64 : 128);
+  if (p.dtype == DType::f16) {
+    dma_bwd_dkdv_reduce_kernel<__half><<<grid, threads, 0, stream>>>(p);
+  } else {
+    dma_bwd_dkdv_reduce_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(p);
+  }
+  check_cuda(cudaGetLastError(), "dma_bwd_dkdv_reduce_kernel launch");
+}
+
 }  // namespace
 
 void bwd(const BwdParams& params, cudaStream_t stream) {
@@ -60,6 +101,7 @@ void bwd(const BwdParams& params, cudaStream_t stream) {
     if (want_dq) launch_bwd_dq<kDType, kHeadDim, kPerQuery>(params, stream);
     if (want_dkdv) launch_bwd_dkdv<kDType, kHeadDim, kPerQuery>(params, stream);
   });
+  if (want_dkdv && params.dkdv_part != nullptr && params.dk != nullptr) launch_dkdv_reduce(params, stream);
 }
 
 int bwd_dq_block_m(int head_dim) {

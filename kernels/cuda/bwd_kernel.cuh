@@ -668,6 +668,18 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   Tensor tOc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   int64_t k_rows[kRowsT];
   int64_t v_rows[kRowsT];
+  if (p.dkdv_part != nullptr) {  // this query head's partials, by list position (h_out: query head)
+    const int64_t half = int64_t(p.B) * p.H * p.list_len * kHeadDim;
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRowsT; ++mi) {
+      const int64_t pos = int64_t(n_tile) * kBlockN + get<0>(c_rc(mi, 0));
+      k_rows[mi] = row_key[mi] >= 0 ? ((int64_t(b) * p.H + h_out) * p.list_len + pos) * kHeadDim : -1;
+      v_rows[mi] = k_rows[mi] >= 0 ? half + k_rows[mi] : -1;
+    }
+    store_rows(p.dkdv_part, acc_dk, tOc, p.scale, k_rows);
+    store_rows(p.dkdv_part, acc_dv, tOc, 1.f, v_rows);
+    return;
+  }
   CUTE_UNROLL
   for (int mi = 0; mi < kRowsT; ++mi) {
     const int key = row_key[mi];

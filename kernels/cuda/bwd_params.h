@@ -28,8 +28,16 @@ struct BwdParams : FwdParams {
   int64_t dk_stride[3] = {0, 0, 0};  // batch, key, head
   int64_t dv_stride[3] = {0, 0, 0};
   bool dkdv_f32 = false;
-  // Query heads one dk/dv program loops over: H / H_kv, or 1 with one list per query head.
+  // Query heads one dk/dv program loops over: H / H_kv, or 1 with one list per query head or with
+  // dkdv_part.
   int dkdv_heads = 1;
+  // LIST with one list per kv head (or fewer) and H > H_kv, when set: one dk/dv program per query
+  // head instead of per kv head, each writing its float32 partials by list position into dkdv_part
+  // (2, B, H, list_len, D) contiguous (dk's, then dv's; entries of padding never written); then
+  // dma_bwd_dkdv_reduce_kernel sums each group's partials in head order into the dk/dv rows of the
+  // listed keys. Why: one program per kv head gave the T32k workload 256 thread blocks, under one
+  // wave on an H200 at two blocks per SM, with SMs busy 54% of the kernel (ncu); see bwd.cu.
+  float* dkdv_part = nullptr;
 
   // PREFIX path (FwdParams::death): the dk/dv kernel tiles each selection row's ever-alive keys
   // (death_j > j): the first dkdv_count[row] entries of dkdv_keys (B_s, H_s, K), in any order (the

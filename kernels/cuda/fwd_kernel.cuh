@@ -271,9 +271,7 @@ struct KeyMeta {
 };
 
 // The selection row of (batch b, query head h) in the LIST/PREFIX metadata.
-__device__ __forceinline__ int64_t selection_row(const FwdParams& p, int b, int h) {
-  return (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
-}
+using ::dmattn::cuda::selection_row;  // fwd_params.h
 
 // How far a query block walks and through which list: DENSE, contiguous keys (list nullptr) up to
 // the causal limit; LIST, the prefix of the row's list the block may see; PREFIX (p.death), the

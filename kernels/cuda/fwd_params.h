@@ -61,5 +61,16 @@ struct FwdParams {
   bool causal = false;
 };
 
+#if defined(__CUDACC__)
+#define DMATTN_PARAMS_HD __host__ __device__
+#else
+#define DMATTN_PARAMS_HD
+#endif
+
+// The selection row (b_s, h_s) flattened, whose list (LIST, PREFIX) query head h of batch b reads.
+DMATTN_PARAMS_HD inline int64_t selection_row(const FwdParams& p, int b, int h) {
+  return (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
+}
+
 }  // namespace cuda
 }  // namespace dmattn

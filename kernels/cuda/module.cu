@@ -433,7 +433,7 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
          std::optional<AnyCuda> dq, std::optional<AnyCuda> dk, std::optional<AnyCuda> dv,
          std::optional<AnyCuda> dbias_keys, std::optional<AnyCuda> ds, double scale, double softcap, bool causal,
          uintptr_t stream, std::optional<AnyCuda> death, std::optional<AnyCuda> dkdv_keys,
-         std::optional<AnyCuda> dkdv_count) {
+         std::optional<AnyCuda> dkdv_count, std::optional<AnyCuda> dkdv_part) {
   BwdParams p;
   fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m,
               death);
@@ -484,6 +484,14 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
     p.dk = dk->data();
     p.dv = dv->data();
     p.dkdv_f32 = per_head;
+  }
+  if (dkdv_part) {  // one dk/dv program per query head, partials by list position (bwd_params.h)
+    if (!idx || death || per_head || H == H_kv || !dk)
+      throw std::invalid_argument("dkdv_part is for the LIST path with one list per kv head (or fewer), more query "
+                                  "heads than kv heads, and dk/dv wanted");
+    expect_f32_contiguous(*dkdv_part, "dkdv_part", {2, B, H, p.list_len, D}, device);
+    p.dkdv_part = static_cast<float*>(dkdv_part->data());
+    p.dkdv_heads = 1;
   }
 
   if (dbias_keys) {
@@ -771,7 +779,7 @@ NB_MODULE(_cuda, m) {
         nb::arg("dv").noconvert().none(), nb::arg("dbias_keys").noconvert().none(), nb::arg("ds").noconvert().none(),
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
         nb::arg("death").none() = nb::none(), nb::arg("dkdv_keys").none() = nb::none(),
-        nb::arg("dkdv_count").none() = nb::none(),
+        nb::arg("dkdv_count").none() = nb::none(), nb::arg("dkdv_part").noconvert().none() = nb::none(),
         "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
         "counts (LIST) per block of bwd_dq_block_m(D) query rows. PREFIX: death with idx/counts of blocks of\n"
         "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: the first dkdv_count (B_s, H_s) int32 entries of\n"
@@ -779,7 +787,8 @@ NB_MODULE(_cuda, m) {
         "outputs, all allocated by the caller: delta float32 (B, H, Q); dq (B, Q, H, D); dk, dv (B, K, H_kv, D)\n"
         "in q's dtype, or float32 (B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys\n"
         "float32 (B, H, K) (query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled.\n"
-        "Deterministic.");
+        "dkdv_part: LIST with idx of at most H_kv heads and H > H_kv, float32 (2, B, H, list_len, D) (no zeroing):\n"
+        "one dk/dv thread block per query head, whose partials are summed per kv head in head order. Deterministic.");
   m.def("bwd_dkdv_block_n", &dmattn::cuda::bwd_dkdv_block_n, nb::arg("head_dim"),
         "Keys per thread block of the CUDA dk/dv kernel for a head dim (the tile of the PREFIX key order).");
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
@@ -809,6 +818,8 @@ NB_MODULE(_cuda, m) {
         "Positions per bucket of visible_death's table for K keys.");
   m.def("visible_chunk", []() { return dmattn::cuda::kVisibleChunk; },
         "Keys per chunk of visible_lists' ever-alive compaction (chunk_counts has cdiv(K, this) per row).");
+  m.def("visible_ranks", []() { return dmattn::cuda::kVisibleRanks; },
+        "Ranks per chunk of visible_death's table (its table has cdiv(K, this) rows of buckets per row).");
   m.def("visible_rank_keys", &visible_rank_keys, nb::arg("bias"), nb::arg("mask").none(), nb::arg("keys").noconvert(),
         nb::kw_only(), nb::arg("stream"),
         "Visible scope, step 1: keys int64 (B_s, H_s, K) gets each key's rank key (order key of its bias value\n"
@@ -818,8 +829,8 @@ NB_MODULE(_cuda, m) {
         nb::arg("table").noconvert(), nb::arg("death").noconvert(), nb::kw_only(), nb::arg("window"),
         nb::arg("bucket"), nb::arg("stream"),
         "Visible scope, step 3: death int32 (rows, K) of each key from its row's rank keys sorted descending\n"
-        "(rows, K) int64. Workspaces: x, rank int32 (rows, K), table int32 (rows, cdiv(K, 32), cdiv(K, bucket)\n"
-        "+ 1); bucket: visible_bucket(K) or another power of two >= 32.");
+        "(rows, K) int64. Workspaces: x, rank int32 (rows, K), table int32 (rows, cdiv(K, visible_ranks()),\n"
+        "cdiv(K, bucket) + 1); bucket: visible_bucket(K) or another power of two >= 32.");
   m.def("visible_lists", &visible_lists, nb::arg("death"), nb::arg("ever").noconvert(), nb::arg("before").noconvert(),
         nb::arg("chunk_counts").noconvert(), nb::arg("idx").noconvert(), nb::arg("counts").noconvert(),
         nb::kw_only(), nb::arg("Q"), nb::arg("block_m"), nb::arg("stream"),

@@ -209,9 +209,9 @@ def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: b
 
 
 def has_visible() -> bool:
-    """Whether the module carries the visible-scope (PREFIX) kernels and their dk/dv tile size
-    (older builds do not)."""
-    return _cuda is not None and hasattr(_cuda, "visible_death") and hasattr(_cuda, "bwd_dkdv_block_n")
+    """Whether the module carries the visible-scope (PREFIX) kernels, their table's chunk size and
+    their dk/dv tile size (older builds do not)."""
+    return _cuda is not None and all(hasattr(_cuda, f) for f in ("visible_death", "visible_ranks", "bwd_dkdv_block_n"))
 
 
 def visible_death(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int, rows: Optional[tuple] = None, *,
@@ -244,7 +244,7 @@ def visible_death(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int,
     keys = torch.empty(B_s, H_s, K, dtype=torch.int64, device=dev)
     x = torch.empty(n, K, dtype=torch.int32, device=dev)
     rank = torch.empty(n, K, dtype=torch.int32, device=dev)
-    table = torch.empty(n, -(-K // 32), -(-K // bucket) + 1, dtype=torch.int32, device=dev)
+    table = torch.empty(n, -(-K // _cuda.visible_ranks()), -(-K // bucket) + 1, dtype=torch.int32, device=dev)
     death = new_output((B_s, H_s, K), torch.int32, dev)
     with on_device(dev):
         stream = current_stream(dev)
@@ -365,6 +365,32 @@ def bwd_dkdv_block_n(head_dim: int) -> int:
     return _cuda.bwd_dkdv_block_n(head_dim)
 
 
+# The LIST dk/dv kernel runs one thread block per (kv head, tile of list entries) looping over the
+# group's query heads, or, with dkdv_part, one per (query head, tile) whose float32 partials a second
+# kernel sums per kv head (bwd_params.h). Splitting pays when the first grid leaves SMs idle (ncu at
+# T32k: SMs busy 54% of the dk/dv kernel): H200, bf16 H 32 H_kv 8 D 128 causal, grids of 128 and 256
+# blocks at two blocks per SM on 132 SMs, the dk/dv kernel T8k 2.02 -> 1.01 ms and T32k 10.10 ->
+# 6.49 ms, fwd+bwd 3.48 -> 2.49 and 19.40 -> 15.83 ms (benchmarks/results/cuda-split-dkdv-h200-
+# 2026-11-29.log). Below this many waves of the first grid, split; above, the partials' memory
+# (8 B H W D bytes) would buy little (not measured).
+SPLIT_DKDV_WAVES = 2
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_dkdv(B: int, H: int, H_kv: int, list_len: int, D: int, device: int) -> bool:
+    """Whether ``backward`` runs the LIST dk/dv kernel per query head (partials summed per kv head):
+    when H > H_kv and one block per (kv head, tile) fills fewer than ``SPLIT_DKDV_WAVES`` waves of
+    two blocks per SM."""
+    if H <= H_kv or SPLIT_DKDV_WAVES <= 0:
+        return False
+    blocks = B * H_kv * -(-list_len // bwd_dkdv_block_n(D))
+    return blocks < SPLIT_DKDV_WAVES * 2 * _sm_count(device)
+
+
 def bwd_dq_block_m(head_dim: int) -> int:
     """Query rows per thread block of the CUDA dq kernel: the block size of the backward's LIST counts."""
     return _cuda.bwd_dq_block_m(head_dim)
@@ -391,7 +417,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Extra memory, as the Triton backward: float32 delta (B, H, Q); for a query-broadcast bias a
     float32 (B, H, K) dbias partial; for a per-query bias a float32 (B, H, Q, K) dS buffer; on the
     LIST path with one list per query head (idx with more heads than H_kv), float32 (B, K, H, D)
-    dk/dv partials summed over each group here.
+    dk/dv partials summed over each group here; on the LIST path with one list per kv head (or
+    fewer) and a grid too small for the GPU (``split_dkdv``), float32 (2, B, H, W, D) dk/dv partials
+    by list position, summed per kv head by the module.
     """
     from .reference import reduce_to
 
@@ -420,7 +448,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         ds = torch.zeros(B, H, Q, K, dtype=torch.float32, device=dev)
     elif need_dbias:
         db_keys = torch.zeros(B, H, K, dtype=torch.float32, device=dev)
-    dk_buf = dv_buf = None
+    dk_buf = dv_buf = part = None
+    if (need_dkdv and listed and death is None and not per_head
+            and split_dkdv(B, H, H_kv, idx.shape[-1], D, dev.index)):
+        part = torch.empty(2, B, H, idx.shape[-1], D, dtype=torch.float32, device=dev)
     if need_dkdv:
         if per_head:
             dk_buf = torch.zeros(B, K, H, D, dtype=torch.float32, device=dev)
@@ -441,6 +472,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         prefix = {}
         if death is not None:
             prefix = dict(zip(("death", "dkdv_keys", "dkdv_count"), dlpack(death, dkdv_keys, dkdv_count)))
+        if part is not None:
+            prefix["dkdv_part"] = dlpack(part)[0]
         _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
                           ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
