@@ -17,6 +17,7 @@ import json
 import torch
 
 import dmattn
+from dmattn.bench import graph_ms
 
 WORKLOADS = {"T8k": (8192, 1024, "global"), "T32k": (32768, 2048, "global"),
              "T8k-visible": (8192, 1024, "visible"), "T32k-visible": (32768, 2048, "visible")}
@@ -36,20 +37,6 @@ def kernel_times(fn, calls: int) -> tuple[float, list]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per[e.name] += e.device_time / 1e3 / calls
     return sum(per.values()), [(n[:90], round(t, 4)) for n, t in per.most_common(8)]
-
-
-def graph_ms(fn) -> float:
-    import triton
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median")
 
 
 def main() -> None:
@@ -86,12 +73,15 @@ def main() -> None:
                     t.grad = None
             row = dict(workload=wl, backend=be)
             row["fwd_eager_ms"] = triton.testing.do_bench(fwd, warmup=20, rep=100, return_mode="median")
-            row["fwd_graph_ms"] = graph_ms(fwd)
+            row["fwd_graph_ms"], why = graph_ms(fwd, q.device, 20, 100)
+            if why:
+                row["fwd_graph_error"] = why
             row["fwd_gpu_ms"], row["fwd_kernels"] = kernel_times(fwd, args.calls)
             row["step_eager_ms"] = triton.testing.do_bench(step, warmup=5, rep=60, return_mode="median")
             row["step_gpu_ms"], row["step_kernels"] = kernel_times(step, args.calls)
             res["rows"].append(row)
-            print(f"{wl} {be}: fwd eager {row['fwd_eager_ms']:.3f} graph {row['fwd_graph_ms']:.3f} "
+            graph = "-" if row["fwd_graph_ms"] is None else f"{row['fwd_graph_ms']:.3f}"
+            print(f"{wl} {be}: fwd eager {row['fwd_eager_ms']:.3f} graph {graph} "
                   f"kernels {row['fwd_gpu_ms']:.3f} ms; fwd+bwd eager {row['step_eager_ms']:.3f} "
                   f"kernels {row['step_gpu_ms']:.3f} ms", flush=True)
             for name, t in row["fwd_kernels"]:
