@@ -11,9 +11,13 @@ struct FwdTile {
   int warps;    // warps per thread block, stacked along the query rows
 };
 
-// Provisional: no choice here has been timed yet (the kernel was written on a machine without a
-// GPU); the reasons are register and shared-memory budgets read from `ptxas -v` for sm_80, plus
-// one measurement of a related kernel.
+// The reasons are register and shared-memory budgets read from `ptxas -v` for sm_80, plus one
+// measurement of a related kernel; no other tile has been timed against these (each is a compile-time
+// variant, so a sweep needs a build per candidate). What the chosen D = 128 tile measures (H200,
+// 2026-11-29, ncu, benchmarks/results/ncu-cuda-t32k-h200-2026-11-29.log): T32k forward 3.04 ms,
+// 255 registers per thread, 12.5% occupancy, tensor pipe active 29%, issue-bound at 1.8
+// instructions per cycle (2.6x the Triton forward's instructions: mma.sync, not the tile, is the
+// limit there).
 // - D <= 64: 128 x 64, 4 warps (FlashAttention-2's sm80 shape). Each warp owns 32 query rows;
 //   S (64 floats per thread) and O (<= 64) fit in registers (no spills in the per-key variant,
 //   ~150 bytes per thread in the per-query one).
@@ -38,10 +42,10 @@ struct FwdSm90Tile {
 };
 
 // The sm_90a forward (fwd_sm90_kernel.cuh), head dims 64 and 128.
-// Measured (H200, 2026-11-28, the previous version of the kernel: same tiles, no producer, no
-// overlap): correct, but slower than the sm_80 kernel (T32k 4.07 against 2.76 ms). The current
-// producer/consumer version with overlapped GEMMs is NOT timed yet (written without a GPU), so the
-// choices below still come from budgets:
+// Measured (H200, 2026-11-28): the first version (same tiles, no producer, no overlap) T32k 4.07
+// against 2.76 ms for the sm_80 kernel; the current producer/consumer version with overlapped GEMMs
+// 3.18 against 2.74, T8k 0.89 against 0.80 (benchmarks/results/cuda-fwd-sm90b-h200-2026-11-28.json),
+// so it is off by default. No other tile of it has been timed; the choices below come from budgets:
 // - block_m = 128 as two consumer warpgroups of 64 rows (one wgmma M of 64 each): the same query
 //   block as fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python
 //   side never needs to know which one runs; two warpgroups also share one K/V tile, halving the
@@ -69,8 +73,10 @@ struct FwdSplitTile {
   int blocks_per_sm;  // __launch_bounds__ minimum, and what fwd_split_count fills the device with
 };
 
-// The split (decode) forward, fwd_split_kernel.cuh. Not timed yet (written without a GPU); the
-// reasons are traffic and registers:
+// The split (decode) forward, fwd_split_kernel.cuh. Measured with these tiles (H200, 2026-11-28,
+// benchmarks/results/cuda-decode-h200-2026-11-28.json): the D128k kernel 0.149 -> 0.025 ms against
+// one block per query block, D32k-B8 0.285 -> 0.179 ms (backend call in a CUDA graph); other tiles
+// not timed. The reasons are traffic and registers:
 // - 8 elements per lane and lanes = D / 8 rounded up to a power of two (4 at D = 32, 16 at 96 and
 //   128, 32 at 256), so every key row is one 16-byte copy per lane and a warp holds 32 / lanes keys
 //   at once; a lane's share of Q and of the output accumulator is rows x 8 floats at every D.
@@ -98,7 +104,11 @@ struct BwdTile {
   int warps;         // warps per thread block, stacked along the block's fixed rows
 };
 
-// Provisional, from register budgets only (not timed yet). Both kernels keep their gradient
+// From register budgets; no other tile timed against these. What they measure (H200, 2026-11-29,
+// T32k global, ncu-cuda-t32k-h200-2026-11-29.log): dq 5.84 ms at 216 registers, dk/dv 10.18 ms at
+// 250 (6.49 ms with the per-query-head split of bwd_params.h's dkdv_part, which fills the GPU: one
+// block per kv head left SMs idle 46% of the kernel), both at 12.5% occupancy and issue-bound on
+// mma.sync (3.4x and 2x the Triton kernels' instructions). Both kernels keep their gradient
 // accumulator in registers with 16 rows per warp (D floats per thread for dk + dv, D / 2 for dq)
 // and stream tiles of 32 (D > 64) or 64 rows whose two score-sized fragments (S, dP) take 16 or 32
 // floats per thread. D = 256 holds 256 accumulator floats per thread in the dk/dv kernel and
