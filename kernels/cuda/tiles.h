@@ -5,6 +5,14 @@
 namespace dmattn {
 namespace cuda {
 
+// Tile sweeps (benchmarks/cuda_tile_sweep.sh) build the module with the tiles of one head dim
+// DMATTN_SWEEP_D replaced, every translation unit alike (host code reads block sizes from these same
+// functions), by -D definitions (one per number: nvcc splits option values at commas):
+//   forward:  DMATTN_SWEEP_FWD_M, DMATTN_SWEEP_FWD_N, DMATTN_SWEEP_FWD_WARPS
+//   backward: DMATTN_SWEEP_DQ_M, DMATTN_SWEEP_DQ_N, DMATTN_SWEEP_DKDV_N, DMATTN_SWEEP_DKDV_M,
+//             DMATTN_SWEEP_BWD_WARPS
+// All undefined in a normal build. A candidate the kernels cannot take fails a static_assert.
+
 struct FwdTile {
   int block_m;  // query rows per thread block
   int block_n;  // keys per tile of the inner loop
@@ -30,6 +38,9 @@ struct FwdTile {
 // block_m depends on D only (not on the dtype or the variant), so the LIST metadata built for a
 // head dim (per query block counts, see fwd_block_m) serves every kernel of that head dim.
 constexpr FwdTile fwd_tile(int head_dim) {
+#if defined(DMATTN_SWEEP_D) && defined(DMATTN_SWEEP_FWD_M)
+  if (head_dim == DMATTN_SWEEP_D) return FwdTile{DMATTN_SWEEP_FWD_M, DMATTN_SWEEP_FWD_N, DMATTN_SWEEP_FWD_WARPS};
+#endif
   return head_dim <= 64 ? FwdTile{128, 64, 4} : head_dim <= 128 ? FwdTile{128, 32, 4} : FwdTile{64, 32, 4};
 }
 
@@ -116,6 +127,10 @@ struct BwdTile {
 // Shared memory (bf16, D = 128): dq 64 KiB (Q, dO, two stages of K and V), dk/dv 64 KiB (K, V, two
 // stages of Q and dO); D = 256 doubles both (sm_80 allows 163 KiB per block).
 constexpr BwdTile bwd_tile(int head_dim) {
+#if defined(DMATTN_SWEEP_D) && defined(DMATTN_SWEEP_DQ_M)
+  if (head_dim == DMATTN_SWEEP_D)
+    return BwdTile{DMATTN_SWEEP_DQ_M, DMATTN_SWEEP_DQ_N, DMATTN_SWEEP_DKDV_N, DMATTN_SWEEP_DKDV_M, DMATTN_SWEEP_BWD_WARPS};
+#endif
   return head_dim <= 64 ? BwdTile{64, 64, 64, 64, 4} : BwdTile{64, 32, 64, 32, 4};
 }
 
