@@ -6,7 +6,8 @@
 #   e.g. benchmarks/cuda_tile_sweep.sh $OUT now:128,32,4:64,32,64,32,4 fwd64:128,64,4:64,32,64,32,4
 #
 # For each candidate: builds only the _cuda module (kernels/cuda/tiles.h's DMATTN_SWEEP_* definitions,
-# head dim SWEEP_D (default 128), sm_90a machine code) into its own build folder, lays it over the
+# head dim SWEEP_D (default 128), sm_90 machine code: not sm_90a, whose wgmma forward needs block_m =
+# 128 and is off by default anyway) into its own build folder (about 40 s on 2 cores), lays it over the
 # installed dmattn (Python from this checkout, the CPU module from the installed wheel), checks it
 # against the float64 reference (tests/test_cuda_fwd.py and tests/test_cuda_bwd.py at that head
 # dim), then times it with benchmarks/cuda_fwd.py and benchmarks/cuda_bwd.py (T32k-like, JSON per
@@ -29,7 +30,7 @@ for spec in "$@"; do
   echo "== $name: $flags"
   b="$BUILD/$name"
   if ! { cmake -S "$REPO" -B "$b" -G Ninja -DDMATTN_CUDA=ON -DDMATTN_CUDA_HEADDIMS="$D" \
-           -DDMATTN_CUDA_ARCHS=90a-real -DDMATTN_NVCC_THREADS=4 -DCMAKE_CUDA_FLAGS="$flags" \
+           -DDMATTN_CUDA_ARCHS=90-real -DDMATTN_NVCC_THREADS=4 -DCMAKE_CUDA_FLAGS="$flags" \
          && ninja -C "$b" _cuda; } > "$OUT/sweep-$name-build.log" 2>&1; then
     echo "$name: build failed (see sweep-$name-build.log)"; grep -m3 -E "error|static assert" "$OUT/sweep-$name-build.log"
     continue
