@@ -262,17 +262,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
   const int g = h / (p.H / p.H_kv);
 
-  const int32_t* list = nullptr;
-  int limit;
-  if (p.idx != nullptr) {
-    const int64_t row = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h) * p.sel_heads / p.H;
-    list = p.idx + row * p.list_len;
-    limit = max(0, int(min(int64_t(p.counts[row * p.n_query_blocks + m_block]), p.list_len)));
-  } else if (p.causal) {
-    limit = max(0, min(min(m0 + kBlockM, p.Q) + off, p.K));
-  } else {
-    limit = p.K;
-  }
+  // LIST or DENSE (fwd.cu never sends the PREFIX path here, so death_row stays nullptr).
+  const int32_t* list;
+  const int32_t* death_row;
+  const int limit = fwd_impl::block_keys(p, b, h, m_block, kBlockM, &list, &death_row);
   const int n_tiles = (limit + kBlockN - 1) / kBlockN;
 
   Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];

@@ -161,8 +161,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   const int32_t* list = nullptr;
   int64_t limit = p.K;
   if (p.idx != nullptr) {
-    const int64_t sel = (p.sel_batched ? int64_t(b) : 0) * p.sel_heads + int64_t(h0) * p.sel_heads / p.H;
-    list = p.idx + sel * p.list_len;
+    list = p.idx + selection_row(p, b, h0) * p.list_len;
     limit = p.list_len;
   }
   const int64_t begin = min(int64_t(split) * s.chunk, limit);

@@ -335,11 +335,7 @@ void fill_common(FwdParams& p, const AnyCuda& q, const AnyCuda& k, const AnyCuda
                                     "folded into death)");
       expect_shape(*idx, "idx", {B_s, H_s, n_blocks, W});
       expect_shape(*counts, "counts", {B_s, H_s, n_blocks, 2});
-      if (death->dtype() != nb::dtype<int32_t>()) throw nb::type_error("death must be int32");
-      if (death->device_id() != device) throw std::invalid_argument("death must be on query's CUDA device");
-      expect_shape(*death, "death", {B_s, H_s, K});
-      if (!is_contiguous(*death)) throw std::invalid_argument("death must be contiguous");
-      p.death = static_cast<const int32_t*>(death->data());
+      p.death = int_buffer<int32_t>(*death, "death", device, {B_s, H_s, K});
     } else {
       expect_shape(*counts, "counts", {B_s, H_s, n_blocks});
     }
