@@ -2,8 +2,8 @@
 sm_90a one is switched off (``cuda_ext.set_sm90_enabled(False)``). GPU only: skipped unless the
 current device is compute capability 9.0 and the module was built with sm_90a code.
 
-The sm_90a kernel is switched off by default until it has passed here; the fixtures switch it on
-(or off) per test and restore the previous state. Every test first asserts which kernel the
+The sm_90a kernel is on by default; the fixtures switch it on (or off) per test and restore the
+previous state. Every test first asserts which kernel the
 dispatch picks (``cuda_ext.uses_sm90``), so a pass here is a pass of the kernel named in the test.
 Outputs start as NaN (``test_cuda_fwd._run``), so an element the kernel forgets fails.
 """
@@ -56,10 +56,14 @@ def sm90():
     cuda_ext.set_sm90_enabled(before)
 
 
+def _need_sm90_head_dim(D: int) -> None:
+    if D not in {int(x) for x in cuda_ext.info()["fwd_sm90_head_dims"].replace(",", " ").split()}:
+        pytest.skip(f"head dim {D} has no sm_90a kernel in this build")
+
+
 def _check(case: Case, dtype, kernel: str = "sm90", per_query: bool = False, **kw):
     """_run after asserting that the dispatch picks `kernel` for this case."""
-    if case.D not in {int(x) for x in cuda_ext.info()["fwd_sm90_head_dims"].replace(",", " ").split()}:
-        pytest.skip(f"head dim {case.D} has no sm_90a kernel in this build")
+    _need_sm90_head_dim(case.D)
     assert cuda_ext.uses_sm90(case.D, per_query) == (kernel == "sm90"), (kernel, case.D, per_query)
     return _run(case, dtype, **kw)
 
@@ -235,3 +239,65 @@ def test_deterministic_and_close_to_sm80(path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     torch.testing.assert_close(a[0].float(), runs["sm80"][0][0].float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(a[1], runs["sm80"][0][1], atol=1e-3, rtol=1e-3)
+
+
+def _compact_bytes_by_layout(B: int, compact_heads: int, W: int, D: int) -> int:
+    """The compact copy's size from its documented layout (FwdParams::compact): per (batch, compact
+    head) and tile of 128 list entries, a K and a V image of 128 x D 16-bit elements, then 128 int32
+    keys and 128 float32 bias values."""
+    return B * compact_heads * -(-W // 128) * 128 * (2 * D * 2 + 8)
+
+
+@pytest.mark.parametrize("bias, H_kv, compact_heads", [("b_hkv_1", 2, 2), ("b_h_1", 2, 4), ("1_1_1", 1, 1),
+                                                       ("1_hkv_1", 4, 4)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_list_takes_the_compact_copy(bias, H_kv, compact_heads, causal, sm90):
+    """A LIST call on this kernel gathers the listed rows once into tile images (one copy per kv
+    head, or per query head when the selection is per query head) and loads them whole: the size
+    asked for follows the layout, and the result matches the reference. W = 150 leaves a partial
+    last tile, whose entries past a block's count belong to later blocks (causal) or are padding."""
+    case = Case(B=2, Q=300, K=400, H=4, H_kv=H_kv, D=128, bias=bias, window=150, scope="global", causal=causal)
+    q, k, v, b, _ = make_inputs(case, torch.bfloat16, "cuda")
+    idx, _ = cuda_ext.list_selection(b, None, window=150, Q=case.Q, head_dim=case.D, is_causal=causal)
+    assert cuda_ext.compact_bytes(q, k, b, None, idx) == _compact_bytes_by_layout(2, compact_heads, 150, 128)
+    _check(case, torch.bfloat16, path="list", inputs=(q, k, v, b, None))
+
+
+def test_heads_that_cannot_share_a_copy_gather_rows(sm90):
+    """Lists per kv head with a mask per query head: a compact head would mix mask heads, so the
+    call takes no copy (compact_bytes 0) and the kernel gathers rows itself; it still matches the
+    sm_80 kernel on the same lists and mask."""
+    case = Case(B=1, Q=200, K=300, H=4, H_kv=2, D=128, bias="b_hkv_1", mask="b_h_1", causal=True)
+    _need_sm90_head_dim(case.D)
+    q, k, v, b, mask = make_inputs(case, torch.bfloat16, "cuda")
+    idx, counts = cuda_ext.list_selection(b, None, window=100, Q=case.Q, head_dim=case.D, is_causal=True)
+    assert cuda_ext.compact_bytes(q, k, b, mask, idx) == 0
+    before = cuda_ext.sm90_enabled()
+    try:
+        runs = {}
+        for name in ("sm90", "sm80"):
+            cuda_ext.set_sm90_enabled(name == "sm90")
+            out = torch.full_like(q, math.nan)
+            lse = torch.full((1, 4, case.Q), math.nan, device="cuda")
+            runs[name] = cuda_ext.forward(q, k, v, b, mask, is_causal=True, idx=idx, counts=counts, out=out, lse=lse)
+    finally:
+        cuda_ext.set_sm90_enabled(before)
+    torch.testing.assert_close(runs["sm90"][0].float(), runs["sm80"][0].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(runs["sm90"][1], runs["sm80"][1], atol=1e-3, rtol=1e-3)
+
+
+def test_small_compact_workspace_is_refused(sm90):
+    from dmattn.backends.base import dlpack
+
+    _need_sm90_head_dim(128)
+    q = torch.randn(1, 256, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 512, 2, 128, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, 2, 1, 512, device="cuda", dtype=torch.bfloat16)
+    idx, counts = cuda_ext.list_selection(bias, None, window=200, Q=256, head_dim=128, is_causal=True)
+    need = cuda_ext.compact_bytes(q, k, bias, None, idx)
+    assert need == _compact_bytes_by_layout(1, 2, 200, 128)
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 256, device="cuda")
+    small = torch.empty(need // 4 - 1, device="cuda")
+    with pytest.raises(ValueError, match="workspace must hold at least"):
+        cuda_ext._cuda.fwd(*dlpack(q, k, k, bias, None, out, lse, idx, counts), scale=0.1, softcap=0.0, causal=True,
+                           stream=cuda_ext.current_stream(q.device), workspace=dlpack(small)[0])

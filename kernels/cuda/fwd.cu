@@ -15,11 +15,12 @@ namespace cuda {
 
 namespace {
 
-// Off by default: the sm_90a kernel passes tests/test_cuda_fwd_sm90.py on an H200 (152 cases) but
-// is slower than the sm_80 kernel (T32k 4.07 against 2.76 ms, T8k 1.11 against 0.81;
-// benchmarks/results/cuda-fwd-sm90-h200-2026-11-28.json), since nothing overlaps its softmax with
-// the products. Flip to true once it is faster.
-std::atomic<bool> g_sm90_enabled{false};
+// On by default since its LIST calls load compact tile images (FwdParams::compact): H200, bf16, H 32,
+// H_kv 8, D 128, w 2048, causal, kernels only (selection apart): T32k 1.42 ms against the sm_80
+// kernel's 3.07, T8k 0.39 against 0.88 (benchmarks/results/cuda-fwd-compact-h200-2026-11-29.log).
+// Without the copy (row gathers in its producer) it was slower than sm_80 (T32k 3.18 against 2.74).
+// Off sends every call to the sm_80 kernel (A/B measurements, a fallback).
+std::atomic<bool> g_sm90_enabled{true};
 
 // Compute capability (10 * major + minor) per device ordinal, 0 until first read: the dispatch runs
 // on every call, and a device attribute query is a driver call. Concurrent first reads store the
@@ -84,6 +85,27 @@ int fwd(const FwdParams& params, cudaStream_t stream) {
     launch_fwd<decltype(dt)::value, decltype(hd)::value, decltype(pq)::value>(params, stream);
   });
   return 0;
+}
+
+int fwd_compact_heads(int H, int H_kv, int sel_heads, int bias_heads, int mask_heads) {
+  // Query heads that share a selection row and a kv head: per query head when the selection is,
+  // else per kv head (selection heads are 1, H_kv or H). The bias and mask heads must not split
+  // them (a compact head carries one bias value per key).
+  // Query head h reads selection row, bias head and mask head h * n / H: constant over a compact
+  // head's H / ch query heads when n divides ch.
+  const int ch = sel_heads == H ? H : H_kv;
+  const auto splits_not = [ch](int n) { return n > 0 && ch % n == 0; };
+  if (H <= 0 || H_kv <= 0 || H % H_kv != 0) return 0;
+  return splits_not(sel_heads) && splits_not(bias_heads) && splits_not(mask_heads) ? ch : 0;
+}
+
+int64_t fwd_compact_bytes(int head_dim, int64_t B, int H, int H_kv, int sel_heads, int bias_heads, int mask_heads,
+                          int64_t list_len, bool per_query) {
+  if (B <= 0 || list_len <= 0 || !fwd_uses_sm90(head_dim, per_query)) return 0;
+  const int ch = fwd_compact_heads(H, H_kv, sel_heads, bias_heads, mask_heads);
+  if (ch == 0) return 0;
+  const int block_n = fwd_sm90_tile(head_dim).block_n;
+  return B * ch * ((list_len + block_n - 1) / block_n) * fwd_sm90_compact_tile_bytes(head_dim);
 }
 
 int fwd_block_m(int head_dim) {

@@ -36,8 +36,17 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 // the bias and mask are query-broadcast, and the kernel is enabled (set_fwd_sm90_enabled).
 bool fwd_uses_sm90(int head_dim, bool per_query);
 
-// Off by default (see fwd.cu: correct on an H200 but slower so far); off sends every call to the
-// sm_80 kernel (A/B measurements, a fallback).
+// The sm_90a forward's compact LIST copy (FwdParams::compact). fwd_compact_heads: its compact heads
+// for these head counts (bias_heads / mask_heads 1 when absent), 0 when a compact head would mix
+// bias or mask heads. fwd_compact_bytes: the workspace bytes a LIST call with these sizes should
+// pass (0: the call does not take the sm_90a kernel on the current device, or cannot use the copy;
+// it then runs without one).
+int fwd_compact_heads(int H, int H_kv, int sel_heads, int bias_heads, int mask_heads);
+int64_t fwd_compact_bytes(int head_dim, int64_t B, int H, int H_kv, int sel_heads, int bias_heads, int mask_heads,
+                          int64_t list_len, bool per_query);
+
+// On by default (fwd.cu says why); off sends every call to the sm_80 kernel (A/B measurements, a
+// fallback).
 void set_fwd_sm90_enabled(bool enabled);
 bool fwd_sm90_enabled();
 

@@ -55,6 +55,16 @@ struct FwdParams {
   int splits = 0;
   float* split_workspace = nullptr;
 
+  // The sm_90a forward's compact LIST copy (fwd_sm90_kernel.cuh; LIST path only, never PREFIX):
+  // when set, a first kernel gathers the listed K and V rows of every (batch, compact head) into
+  // images of the shared-memory tiles (fwd_compact_bytes bytes, 16-byte aligned), and the forward's
+  // producer loads each tile with three bulk copies instead of gathering rows with 16-byte cp.async
+  // (which left the tensor cores waiting: T32k 3.2 ms with the gather against 1.6 without loads).
+  // Compact head c of compact_heads serves query heads c * H / compact_heads .. (c + 1) * H /
+  // compact_heads - 1, which share a kv head, a selection row, a bias head and a mask head.
+  void* compact = nullptr;
+  int compact_heads = 0;
+
   int B = 1, Q = 1, K = 1, H = 1, H_kv = 1, D = 0;
   float scale = 1.f;
   float softcap = 0.f;  // 0: no softcap

@@ -1,5 +1,5 @@
 // The forward of dynamic mask attention for sm_90a (Hopper), with warpgroup MMA (wgmma), organised
-// the FlashAttention-3 way: a producer warpgroup gathers K and V while two consumer warpgroups
+// the FlashAttention-3 way: a producer warpgroup loads K and V while two consumer warpgroups
 // overlap their matrix products with their softmax.
 //
 // Same contract as fwd_kernel.cuh (same FwdParams, same LIST counts per 128-row query block, same
@@ -9,13 +9,19 @@
 // gathers would cost this kernel registers that the common case should not pay for).
 //
 // One thread block = 3 warpgroups (384 threads) owning 128 query rows of one (batch, head):
-// - warpgroup 0, the producer: walks the block's key tiles and, per tile, gathers the K rows and the
-//   V rows with 16-byte cp.async (rows come through the key list, so TMA tile loads do not apply),
-//   publishes each key's index and query-broadcast bias in sKey/sBias, and signals "K full" and
-//   "V full" on one mbarrier each per stage (cp.async.mbarrier.arrive.noinc, each producer thread's
-//   one arrival per phase: the barrier completes when the copies have landed, without the producer
-//   waiting for them). It waits on "K empty" / "V empty" before reusing a stage. It keeps 40
-//   registers (setmaxnreg) and hands the rest to the consumers.
+// - warpgroup 0, the producer: walks the block's key tiles and fills, per tile, a stage of sK and sV
+//   and the keys' indices and query-broadcast bias values (sKey/sBias), signalling "K full" and
+//   "V full" on one mbarrier each per stage. It waits on "K empty" / "V empty" before reusing a
+//   stage, keeps 40 registers (setmaxnreg) and hands the rest to the consumers. Two ways to fill:
+//   * LIST calls with a compact copy (FwdParams::compact, the default where it applies): a first
+//     kernel (dma_fwd_sm90_compact_kernel) has gathered each list's rows into images of the stages,
+//     so one producer thread moves a tile with three bulk copies (cp.async.bulk) that complete the
+//     stage's barrier by their byte count. This is what made the kernel fast: with row gathers in
+//     the producer the tensor cores waited on loads (H200, T32k: 3.2 ms; 1.6 ms with the producer's
+//     loads removed, results wrong; 1.42 ms with the compact copy, the copy included).
+//   * Otherwise (DENSE, or heads that cannot share a copy) every producer thread gathers rows with
+//     16-byte cp.async (rows come through the key list, so TMA tile loads do not apply) and arrives
+//     once per phase when its copies land (cp.async.mbarrier.arrive.noinc).
 // - warpgroups 1 and 2, the consumers: rows 0..63 and 64..127 (tiles.h, fwd_sm90_tile, says why two),
 //   232 registers each. Per key tile t:
 //     S(t) = Q K(t)^T    wgmma SS: Q and K from shared memory (K-major, 128-byte swizzle)
@@ -45,9 +51,9 @@
 // (fp16, D = 64 and 128, 10 shapes: one tile, stage reuse, blocks without keys, Q smaller than a
 // warpgroup's rows, LIST with causal prefixes and empty blocks, bias and mask) gives synccheck 0
 // errors and unchanged outputs, and tests/test_cuda_fwd_sm90.py passes (162 tests) with synccheck
-// clean on its smoke and LIST-length cases. Timed on an H200 before the fix: T32k 3.18 ms
-// against the sm_80 kernel's 2.74 ms, so fwd.cu keeps it switched off by default until
-// benchmarks/cuda_fwd.py shows it faster than sm_80. It compiles for sm_80, sm_90a and compute_90
+// clean on its smoke and LIST-length cases. Timed on an H200 before the compact copy: T32k 3.18 ms
+// against the sm_80 kernel's 2.74 ms; with it 1.42 against 3.07, so fwd.cu now enables it by
+// default. It compiles for sm_80, sm_90a and compute_90
 // (nvcc 13): 168 registers at launch, setmaxnreg 40 / 232, no spills, no wgmma serialisation
 // warning; the SASS holds 32 HGMMA per variant at D = 128 (8 for S of the peeled first tile, 8 for
 // S and 8 for O in the loop, 8 for the last O) and 24 at D = 64, and no HMMA; shared memory 163 KiB
@@ -57,6 +63,7 @@
 // launches this kernel unless the build carries sm_90a code and the device is compute capability 9.0.
 #pragma once
 
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
@@ -141,6 +148,21 @@ struct Sm90Traits {
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
   static_assert(kBlockN % (kProducerThreads / kThreadsPerRow) == 0, "every producer thread loads as many key rows");
   static constexpr int kLoadRows = kBlockN / (kProducerThreads / kThreadsPerRow);
+
+  // One stage of sK or sV, alone: the compact LIST copy (FwdParams::compact) stores each key tile
+  // as this image, bytes for bytes, so the forward reloads it into a stage with one bulk copy.
+  using SmemLayoutTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, _1>{}));
+  static constexpr int kTileElems = kBlockN * kHeadDim;
+  static constexpr int kTileBytes = kTileElems * int(sizeof(Element));
+  static_assert(cosize_v<SmemLayoutTile> == kTileElems && cosize_v<SmemLayoutKV> == kStages * kTileElems,
+                "a stage of sK/sV is one dense tile image");
+  // Per compact head and key tile: K image, V image, the keys (int32, -1: none) and their bias
+  // values (float32), in that order (tiles.h sizes the workspace with the same formula).
+  static constexpr int kCompactKeyOffset = 2 * kTileBytes;
+  static constexpr int kCompactBiasOffset = kCompactKeyOffset + kBlockN * 4;
+  static constexpr int kCompactTileBytes = kCompactBiasOffset + kBlockN * 4;
+  static_assert(kCompactTileBytes == fwd_sm90_compact_tile_bytes(kHeadDim), "tiles.h sizes the same tiles");
+  static_assert(kTileBytes % 16 == 0 && kBlockN * 4 % 16 == 0, "bulk copies move multiples of 16 bytes");
 
   static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ> * sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV> * sizeof(Element));
@@ -285,15 +307,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   int* sKey = reinterpret_cast<int*>(smem + Traits::kSmemQKVBytes);  // [stage][key row]: key, -1 none
   float* sBias = reinterpret_cast<float*>(sKey + kStages * kBlockN); // [stage][key row]: its bias
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kSmemBarrierOffset);
-  uint64_t* full_k = bars;                 // K(t) and sKey/sBias(t) landed: one arrival per producer thread
+  uint64_t* full_k = bars;                 // K(t) and sKey/sBias(t) landed (see the producer)
   uint64_t* empty_k = bars + kStages;      // every consumer is done with K(t) and sKey/sBias(t)
   uint64_t* full_v = bars + 2 * kStages;   // V(t) landed
   uint64_t* empty_v = bars + 3 * kStages;  // every consumer's O += P(t) V(t) has completed
+  // The gathering producer arrives once per thread and phase, the compact one once per phase (its
+  // one thread's arrive.expect_tx; the bulk copies complete the transaction bytes).
+  const bool compact = p.compact != nullptr;
   if (tidx == 0) {
+    const int producer_arrivals = compact ? 1 : Traits::kProducerThreads;
     CUTE_UNROLL
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(full_k + s, Traits::kProducerThreads);
-      Barrier::init(full_v + s, Traits::kProducerThreads);
+      Barrier::init(full_k + s, producer_arrivals);
+      Barrier::init(full_v + s, producer_arrivals);
       Barrier::init(empty_k + s, kConsumerThreads);
       Barrier::init(empty_v + s, kConsumerThreads);
     }
@@ -311,6 +337,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   if (warpgroup == 0) {
     // ============================================================== producer: K, V and key metadata
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (compact) {
+      // The compact LIST copy: each tile of this block's list prefix is one K image, one V image
+      // and its keys and bias values, laid out as the stages hold them, so one thread moves a tile
+      // with bulk copies (cp.async.bulk, completing on the stage's "full" barrier with the bytes
+      // it announced). The other producer threads have nothing to do.
+      if (tidx == 0) {
+        using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+        const int list_tiles = int((p.list_len + kBlockN - 1) / kBlockN);
+        const char* src = static_cast<const char*>(p.compact) +
+                          (int64_t(b) * p.compact_heads + h * p.compact_heads / p.H) * list_tiles *
+                              int64_t(Traits::kCompactTileBytes);
+        for (int t = 0; t < n_tiles; ++t, src += Traits::kCompactTileBytes) {
+          const int stage = t % kStages;
+          const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
+          Barrier::wait(empty_k + stage, empty_parity);
+          TxBarrier::arrive_and_expect_tx(full_k + stage, Traits::kTileBytes + 8 * kBlockN);
+          SM90_BULK_COPY_G2S::copy(src, full_k + stage, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
+          SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k + stage, sKey + stage * kBlockN,
+                                   4 * kBlockN);
+          SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k + stage, sBias + stage * kBlockN,
+                                   4 * kBlockN);
+          Barrier::wait(empty_v + stage, empty_parity);
+          TxBarrier::arrive_and_expect_tx(full_v + stage, Traits::kTileBytes);
+          SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v + stage, v_smem + stage * Traits::kTileElems,
+                                   Traits::kTileBytes);
+        }
+      }
+      return;
+    }
     const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
     const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2];
     // fwd.cu sends only query-broadcast bias and mask here: both are per key.
@@ -460,9 +515,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   const bool interior_ok = p.mask == nullptr && wg_row0 + 63 < p.Q;
   const int wg_last_key = p.causal ? wg_row0 + off : p.K - 1;
 
-  // Scores of the tile in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
-  // visible.
-  auto scores = [&](int stage) {
+  // Scores of tile t in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
+  // visible. Columns at or past the block's limit hold no key of the block: the gathering producer
+  // stores key -1 there, the compact copy the list's next entries, which the column test drops.
+  auto scores = [&](int stage, int t) {
+    const int tile_keys = limit - t * kBlockN;  // >= kBlockN except in the last tile
     if (softcap > 0.f) {
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
@@ -484,7 +541,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     // holding S, P and O at once, do not have (ptxas spilled).
     constexpr int kChunk = 8;
     static_assert(kCols % kChunk == 0, "whole chunks of columns");
-    if (interior_ok && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
+    if (interior_ok && tile_keys >= kBlockN && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
       CUTE_UNROLL
       for (int n0 = 0; n0 < kCols; n0 += kChunk) {
         CUTE_UNROLL
@@ -509,7 +566,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       CUTE_UNROLL
       for (int ni = n0; ni < n0 + kChunk; ++ni) {
         const int c = get<1>(c_rc(0, ni));
-        const int key = stage_key[c];
+        const int key = c < tile_keys ? stage_key[c] : -1;
         const float bias = stage_bias[c];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
@@ -572,7 +629,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   named_arrive(other_turn, kConsumerThreads);
   warpgroup_wait<0>();
   gemm_done(acc_s);
-  scores(0);
+  scores(0, 0);
   Barrier::arrive(empty_k);
   softmax();
   convert_into(acc_s, rP);
@@ -590,7 +647,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     named_arrive(other_turn, kConsumerThreads);
     warpgroup_wait<1>();  // S(t) done; O += P V may still run
     gemm_done(acc_s);
-    scores(stage);
+    scores(stage, t);
     Barrier::arrive(empty_k + stage);
     softmax();
     warpgroup_wait<0>();  // O += P(t-1) V(t-1) done: V(t-1) and P's registers are free
@@ -665,6 +722,95 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
 #endif
 }
 
+// The compact LIST copy (FwdParams::compact), one thread block per (key tile t of the list, compact
+// head c, batch b): the tile's listed K and V rows are gathered into shared memory with the
+// gathering producer's own partition and layout (swizzle included), then each tile leaves as one
+// contiguous image (bulk store), so the forward reloads it into a stage with one bulk copy. Its
+// keys and bias values are written next to them: key -1 (and zero rows, bias 0) past the list, for
+// the sentinel K and for keys a query-broadcast mask drops.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kProducerThreads) dma_fwd_sm90_compact_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  using Element = typename Traits::Element;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kLoadRows = Traits::kLoadRows;
+  static_assert(kBlockN == Traits::kProducerThreads, "one metadata entry per thread");
+
+  extern __shared__ char smem_raw[];
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutTile{});
+  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kTileBytes)),
+                          typename Traits::SmemLayoutTile{});
+
+  const int t = blockIdx.x;
+  const int b = blockIdx.z;
+  const int64_t crow = int64_t(b) * p.compact_heads + blockIdx.y;
+  const int h = int(blockIdx.y) * (p.H / p.compact_heads);  // the compact head's first query head
+  const int g = h / (p.H / p.H_kv);
+  const int tidx = threadIdx.x;
+  const int32_t* list = p.idx + selection_row(p, b, h) * p.list_len;
+  const int limit = int(p.list_len);
+  const int list_tiles = (limit + kBlockN - 1) / kBlockN;
+  char* dst = static_cast<char*>(p.compact) + (crow * list_tiles + t) * int64_t(Traits::kCompactTileBytes);
+
+  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
+  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2];
+  typename Traits::GmemCopyKV gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tidx);
+  Tensor tKgK = gthr.partition_S(
+      make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{}));
+  Tensor tVgV = gthr.partition_S(
+      make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{}));
+  Tensor tKsK = gthr.partition_D(sK);  // (CPY, CPY_N, CPY_D, 1)
+  Tensor tVsV = gthr.partition_D(sV);
+  Tensor tKVc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  int keys[kLoadRows];
+  fwd_impl::tile_keys<kBlockN>(t, tKVc, limit, list, p.K, keys);
+  Tensor tKs = tKsK(_, _, _, 0);
+  Tensor tVs = tVsV(_, _, _, 0);
+  fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
+  fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
+  cp_async_fence();
+
+  int key = -1;
+  float bias = 0.f;
+  const int pos = t * kBlockN + tidx;
+  if (pos < limit) {
+    key = __ldg(list + pos);
+    if (key < 0 || key >= p.K) key = -1;
+  }
+  if (key >= 0) {
+    // The forward sends only query-broadcast bias and mask here (fwd_compact_bytes): one per key.
+    const int64_t bias_base = b * p.bias_stride[0] + int64_t(h) * p.bias_heads / p.H * p.bias_stride[1];
+    const int64_t mask_base = b * p.mask_stride[0] + int64_t(h) * p.mask_heads / p.H * p.mask_stride[1];
+    if (p.bias != nullptr) bias = fwd_impl::load_float(p.bias, p.bias_dtype, bias_base + key * p.bias_stride[3]);
+    if (p.mask != nullptr && __ldg(p.mask + mask_base + key * p.mask_stride[3]) == 0) {
+      key = -1;
+      bias = 0.f;
+    }
+  }
+  reinterpret_cast<int*>(dst + Traits::kCompactKeyOffset)[tidx] = key;
+  reinterpret_cast<float*>(dst + Traits::kCompactBiasOffset)[tidx] = bias;
+
+  // Every thread's cp.async and zero-fill stores (generic proxy) before the bulk stores (async
+  // proxy) read the tiles.
+  cp_async_wait<0>();
+  fence_generic_to_async_smem();
+  __syncthreads();
+  if (tidx == 0) {
+    SM90_BULK_COPY_S2G::copy(smem, dst, Traits::kTileBytes);
+    SM90_BULK_COPY_S2G::copy(smem + Traits::kTileBytes, dst + Traits::kTileBytes, Traits::kTileBytes);
+    tma_store_arrive();
+    // Complete, not only read out of shared memory: the block's shared memory must outlive the reads,
+    // and the forward (the next launch on the stream) reads the images.
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled without sm_90a features: fwd.cu must never launch this
+#endif
+}
+
 }  // namespace fwd_sm90_impl
 
 template <DType kDType, int kHeadDim>
@@ -674,6 +820,16 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(dma_fwd_sm90_kernel, MaxDynamicSharedMemorySize)");
+  if (params.compact != nullptr) {
+    auto gather = &fwd_sm90_impl::dma_fwd_sm90_compact_kernel<Traits>;
+    constexpr int gather_smem = 2 * Traits::kTileBytes + 1024;
+    check_cuda(cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, gather_smem),
+               "cudaFuncSetAttribute(dma_fwd_sm90_compact_kernel, MaxDynamicSharedMemorySize)");
+    const dim3 tiles(unsigned((params.list_len + Traits::kBlockN - 1) / Traits::kBlockN),
+                     unsigned(params.compact_heads), unsigned(params.B));
+    gather<<<tiles, Traits::kProducerThreads, gather_smem, stream>>>(params);
+    check_cuda(cudaGetLastError(), "dma_fwd_sm90_compact_kernel launch");
+  }
   const dim3 grid(unsigned((params.Q + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(params.H), unsigned(params.B));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(params);
   check_cuda(cudaGetLastError(), "dma_fwd_sm90_kernel launch");

@@ -399,6 +399,23 @@ int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optio
                                   std::to_string(workspace->shape(0)));
     p.splits = splits;
     p.split_workspace = static_cast<float*>(workspace->data());
+  } else if (workspace && p.idx != nullptr && p.death == nullptr) {
+    // The sm_90a kernel's compact LIST copy, where this call takes that kernel (else ignored).
+    const int bias_heads = p.bias != nullptr ? p.bias_heads : 1, mask_heads = p.mask != nullptr ? p.mask_heads : 1;
+    const int64_t need = dmattn::cuda::fwd_compact_bytes(p.D, p.B, p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads,
+                                                         p.list_len, dmattn::cuda::fwd_per_query(p));
+    if (need > 0) {
+      if (workspace->dtype() != nb::dtype<float>() || workspace->ndim() != 1 || !is_contiguous(*workspace))
+        throw nb::type_error("workspace must be a contiguous 1-D float32 tensor");
+      if (workspace->device_id() != q.device_id())
+        throw std::invalid_argument("workspace must be on query's CUDA device");
+      if (int64_t(workspace->shape(0)) * 4 < need || reinterpret_cast<uintptr_t>(workspace->data()) % 16 != 0)
+        throw std::invalid_argument("workspace must hold at least " + std::to_string(need) +
+                                    " bytes (fwd_compact_bytes) from a 16-byte aligned address, got " +
+                                    std::to_string(int64_t(workspace->shape(0)) * 4));
+      p.compact = workspace->data();
+      p.compact_heads = dmattn::cuda::fwd_compact_heads(p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads);
+    }
   }
   if (p.B == 0 || p.Q == 0 || p.H == 0) return 0;
   check_device(q.device_id(), "forward");
@@ -762,8 +779,15 @@ NB_MODULE(_cuda, m) {
         "PREFIX path (visible scope, causal, no mask): idx (B_s, H_s, blocks, W) and counts (B_s, H_s,\n"
         "blocks, 2) from visible_lists. softcap 0: none. splits > 0 (Q <= 16, not PREFIX):\n"
         "the split (decode) forward with up to that many splits per list, partials in workspace, float32 of at\n"
-        "least splits * B * H * Q * (D + 2) entries (see fwd_split_count). stream: an integer.\n"
+        "least splits * B * H * Q * (D + 2) entries (see fwd_split_count). splits 0 on the LIST path: workspace\n"
+        "of fwd_compact_bytes bytes, ignored where that is 0. stream: an integer.\n"
         "Returns the splits run (0: not the split forward).");
+  m.def("fwd_compact_bytes", &dmattn::cuda::fwd_compact_bytes, nb::arg("head_dim"), nb::arg("B"), nb::arg("H"),
+        nb::arg("H_kv"), nb::arg("sel_heads"), nb::arg("bias_heads"), nb::arg("mask_heads"), nb::arg("list_len"),
+        nb::arg("per_query"),
+        "Bytes of float32 workspace a LIST forward (splits 0) with these sizes should pass: the sm_90a kernel's\n"
+        "compact copy of the listed key and value rows. 0: the call does not take that kernel on the current\n"
+        "device (or its heads cannot share a copy) and needs none. bias_heads/mask_heads: 1 when absent.");
   m.def("fwd_split_count", &fwd_split_count, nb::arg("B"), nb::arg("Q"), nb::arg("H"), nb::arg("H_kv"),
         nb::arg("head_dim"), nb::arg("n_keys"), nb::arg("device"),
         "Splits the split (decode) forward should use for these sizes on a CUDA device (n_keys: the LIST length,\n"

@@ -2,6 +2,8 @@
 // the LIST metadata) and device code (the kernel templates) read the same constexpr function.
 #pragma once
 
+#include <stdint.h>
+
 namespace dmattn {
 namespace cuda {
 
@@ -54,9 +56,11 @@ struct FwdSm90Tile {
 
 // The sm_90a forward (fwd_sm90_kernel.cuh), head dims 64 and 128.
 // Measured (H200, 2026-11-28): the first version (same tiles, no producer, no overlap) T32k 4.07
-// against 2.76 ms for the sm_80 kernel; the current producer/consumer version with overlapped GEMMs
-// 3.18 against 2.74, T8k 0.89 against 0.80 (benchmarks/results/cuda-fwd-sm90b-h200-2026-11-28.json),
-// so it is off by default. No other tile of it has been timed; the choices below come from budgets:
+// against 2.76 ms for the sm_80 kernel; the producer/consumer version with overlapped GEMMs 3.18
+// against 2.74, T8k 0.89 against 0.80 (benchmarks/results/cuda-fwd-sm90b-h200-2026-11-28.json);
+// 2026-11-29, with LIST tiles loaded from the compact copy: T32k 1.42 against 3.07, T8k 0.39
+// against 0.88 (benchmarks/results/cuda-fwd-compact-h200-2026-11-29.log). No other tile of it has
+// been timed; the choices below come from budgets:
 // - block_m = 128 as two consumer warpgroups of 64 rows (one wgmma M of 64 each): the same query
 //   block as fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python
 //   side never needs to know which one runs; two warpgroups also share one K/V tile, halving the
@@ -73,6 +77,13 @@ struct FwdSm90Tile {
 //   so the producer can run up to 3 tiles ahead.
 constexpr FwdSm90Tile fwd_sm90_tile(int head_dim) {
   return head_dim <= 64 ? FwdSm90Tile{128, 128, 2, 4} : FwdSm90Tile{128, 128, 2, 2};
+}
+
+// Bytes of the sm_90a LIST forward's compact copy per compact head and key tile (FwdParams::compact):
+// the K and V tile images (block_n x D 16-bit elements each) and the tile's block_n int32 keys and
+// float32 bias values.
+constexpr int64_t fwd_sm90_compact_tile_bytes(int head_dim) {
+  return int64_t(fwd_sm90_tile(head_dim).block_n) * (2 * head_dim * 2 + 8);
 }
 
 struct FwdSplitTile {
