@@ -14,6 +14,9 @@ namespace cuda {
 // CUDA call. No allocation, no synchronisation.
 int fwd(const FwdParams& params, cudaStream_t stream);
 
+// Multiprocessor count of a CUDA device ordinal (cached after the first query).
+int device_sm_count(int device);
+
 // Query rows per thread block for head dim D: the block size of the LIST path's per-block counts.
 int fwd_block_m(int head_dim);
 

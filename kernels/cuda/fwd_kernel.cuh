@@ -296,15 +296,16 @@ __device__ __forceinline__ int block_keys(const FwdParams& p, int b, int h, int 
   return p.K;
 }
 
-// A query block that sees no key: out 0 and lse -inf for its rows.
+// A query block that sees no key: out 0 and lse -inf for its rows, written by `threads` threads.
 template <class Traits>
-__device__ void write_empty_block(typename Traits::Element* out, int64_t out_row_stride, float* lse, int m0, int Q) {
+__device__ void write_empty_block(typename Traits::Element* out, int64_t out_row_stride, float* lse, int m0, int Q,
+                                  int thread, int threads) {
   constexpr int kVecs = Traits::kHeadDim / 8;  // 16-byte vectors per row
-  for (int i = threadIdx.x; i < Traits::kBlockM * kVecs; i += Traits::kThreads) {
+  for (int i = thread; i < Traits::kBlockM * kVecs; i += threads) {
     const int r = m0 + i / kVecs;
     if (r < Q) *reinterpret_cast<uint4*>(out + int64_t(r) * out_row_stride + (i % kVecs) * 8) = make_uint4(0, 0, 0, 0);
   }
-  for (int r = m0 + int(threadIdx.x); r < m0 + Traits::kBlockM; r += Traits::kThreads) {
+  for (int r = m0 + thread; r < m0 + Traits::kBlockM; r += threads) {
     if (r < Q) lse[r] = -INFINITY;
   }
 }
@@ -341,7 +342,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
   float* lse_ptr = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
   if (n_tiles == 0) {
-    write_empty_block<Traits>(out_ptr, p.out_stride[1], lse_ptr, m0, p.Q);
+    write_empty_block<Traits>(out_ptr, p.out_stride[1], lse_ptr, m0, p.Q, threadIdx.x, Traits::kThreads);
     return;
   }
 

@@ -8,8 +8,10 @@
 // broadcast over the query rows. A per-query bias or mask stays on the sm_80 kernel (its per-element
 // gathers would cost this kernel registers that the common case should not pay for).
 //
-// One thread block = 3 warpgroups (384 threads) owning 128 query rows of one (batch, head):
-// - warpgroup 0, the producer: walks the block's key tiles and fills, per tile, a stage of sK and sV
+// One thread block = 3 warpgroups (384 threads), at most one per SM, persistent: it walks work
+// items of 128 query rows of one (batch, head) each, and the producer runs ahead into the next item
+// while the consumers finish the current one.
+// - warpgroup 0, the producer: walks the items' key tiles and fills, per tile, a stage of sK and sV
 //   and the keys' indices and query-broadcast bias values (sKey/sBias), signalling "K full" and
 //   "V full" on one mbarrier each per stage. It waits on "K empty" / "V empty" before reusing a
 //   stage, keeps 40 registers (setmaxnreg) and hands the rest to the consumers. Two ways to fill:
@@ -62,6 +64,8 @@
 // Non-sm_90a passes (sm_80 SASS, compute_90 PTX) compile an empty body that traps: fwd.cu never
 // launches this kernel unless the build carries sm_90a code and the device is compute capability 9.0.
 #pragma once
+
+#include <stdexcept>
 
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90.hpp>
@@ -125,6 +129,10 @@ struct Sm90Traits {
   // that keeps 16-byte cp.async stores free of bank conflicts.
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  // Two Q buffers (the persistent block loads the next item's Q during the current item); O is
+  // staged in the current item's buffer for its 16-byte stores.
+  using SmemLayoutQ2 = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, _2>{}));
+  static constexpr int kQElems = kBlockM * kHeadDim;
   using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // V stored as K is (block_n, D); the second GEMM reads it as (D, block_n): a view, not a copy.
   using SmemLayoutVt = decltype(composition(
@@ -164,7 +172,8 @@ struct Sm90Traits {
   static_assert(kCompactTileBytes == fwd_sm90_compact_tile_bytes(kHeadDim), "tiles.h sizes the same tiles");
   static_assert(kTileBytes % 16 == 0 && kBlockN * 4 % 16 == 0, "bulk copies move multiples of 16 bytes");
 
-  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ> * sizeof(Element));
+  static_assert(cosize_v<SmemLayoutQ2> == 2 * kQElems && cosize_v<SmemLayoutQ> == kQElems, "Q buffers are dense");
+  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ2> * sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV> * sizeof(Element));
   static constexpr int kSmemQKVBytes = kSmemQBytes + 2 * kSmemKVBytes;
   static_assert(kSmemQBytes % 1024 == 0 && kSmemKVBytes % 1024 == 0, "every tile starts on a swizzle period");
@@ -274,33 +283,33 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  // Last query blocks first: with causality they see the most keys, and starting them early keeps
-  // the tail of the grid short.
-  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  // Persistent: the grid holds at most one block per SM, and block x takes the work items x,
+  // x + gridDim.x, ... (an item is 128 query rows of one (batch, head)). Items go last query block
+  // first over all heads: with causality those see the most keys, so the heavy items start early
+  // and the tail is short. Producer and consumers walk the same items, so the next item's key tiles
+  // and Q stream in while the consumers finish the current one (its last products, its epilogue):
+  // with one block per SM and a few key tiles per item, that was time the tensor cores sat idle
+  // (tiles.h has the measurement).
+  const int n_m = (p.Q + kBlockM - 1) / kBlockM;
+  const int bh = p.B * p.H;
+  const int n_items = n_m * bh;
   const int tidx = threadIdx.x;
-  const int m0 = m_block * kBlockM;
   const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
-  const int g = h / (p.H / p.H_kv);
-
-  // LIST or DENSE (fwd.cu never sends the PREFIX path here, so death_row stays nullptr).
-  const int32_t* list;
-  const int32_t* death_row;
-  const int limit = fwd_impl::block_keys(p, b, h, m_block, kBlockM, &list, &death_row);
-  const int n_tiles = (limit + kBlockN - 1) / kBlockN;
-
-  Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
-  float* lse_ptr = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
-  if (n_tiles == 0) {  // the whole block leaves before any barrier exists
-    fwd_impl::write_empty_block<Traits>(out_ptr, p.out_stride[1], lse_ptr, m0, p.Q);
-    return;
-  }
+  const int group = p.H / p.H_kv;
+  struct Item {
+    int m_block, h, b;
+  };
+  auto item_at = [&](int i) { return Item{n_m - 1 - i / bh, i % bh % p.H, i % bh / p.H}; };
+  // The item's keys, LIST or DENSE (fwd.cu never sends the PREFIX path here): returns the count.
+  auto item_keys = [&](const Item& item, const int32_t** list) {
+    const int32_t* death_row;
+    return fwd_impl::block_keys(p, item.b, item.h, item.m_block, kBlockM, list, &death_row);
+  };
 
   Element* q_smem = reinterpret_cast<Element*>(smem);
   Element* k_smem = reinterpret_cast<Element*>(smem + Traits::kSmemQBytes);
   Element* v_smem = reinterpret_cast<Element*>(smem + Traits::kSmemQBytes + Traits::kSmemKVBytes);
-  Tensor sQ = make_tensor(make_smem_ptr(q_smem), typename Traits::SmemLayoutQ{});
+  Tensor sQ = make_tensor(make_smem_ptr(q_smem), typename Traits::SmemLayoutQ2{});   // (M, D, buffer)
   Tensor sK = make_tensor(make_smem_ptr(k_smem), typename Traits::SmemLayoutKV{});   // (N, D, stage)
   Tensor sV = make_tensor(make_smem_ptr(v_smem), typename Traits::SmemLayoutKV{});   // (N, D, stage)
   Tensor sVt = make_tensor(make_smem_ptr(v_smem), typename Traits::SmemLayoutVt{});  // (D, N, stage)
@@ -327,118 +336,131 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   }
   __syncthreads();  // the last block-wide barrier: the producer leaves early
 
-  // Tile t lives in stage t % kStages; its barriers complete phase t / kStages, and a wait takes the
-  // parity of the phase it waits for. The producer's first pass over the stages waits for parity 1,
-  // which a fresh barrier reports as complete.
+  // Key tiles are numbered over all of the block's items (the running index `it`): tile it lives in
+  // stage it % kStages, its barriers complete phase it / kStages, and a wait takes the parity of
+  // the phase it waits for. The producer's first pass over the stages waits for parity 1, which a
+  // fresh barrier reports as complete. An item without keys takes no tile.
   const int warpgroup = __shfl_sync(0xffffffffu, tidx / 128, 0);  // uniform, and the compiler knows
-  const int64_t bias_base = b * p.bias_stride[0] + int64_t(h) * p.bias_heads / p.H * p.bias_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + int64_t(h) * p.mask_heads / p.H * p.mask_stride[1];
 
   if (warpgroup == 0) {
     // ============================================================== producer: K, V and key metadata
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    int it = 0;
     if (compact) {
-      // The compact LIST copy: each tile of this block's list prefix is one K image, one V image
-      // and its keys and bias values, laid out as the stages hold them, so one thread moves a tile
+      // The compact LIST copy: each tile of an item's list prefix is one K image, one V image and
+      // its keys and bias values, laid out as the stages hold them, so one thread moves a tile
       // with bulk copies (cp.async.bulk, completing on the stage's "full" barrier with the bytes
       // it announced). The other producer threads have nothing to do.
       if (tidx == 0) {
         using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
         const int list_tiles = int((p.list_len + kBlockN - 1) / kBlockN);
-        const char* src = static_cast<const char*>(p.compact) +
-                          (int64_t(b) * p.compact_heads + h * p.compact_heads / p.H) * list_tiles *
-                              int64_t(Traits::kCompactTileBytes);
-        for (int t = 0; t < n_tiles; ++t, src += Traits::kCompactTileBytes) {
-          const int stage = t % kStages;
-          const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
-          Barrier::wait(empty_k + stage, empty_parity);
-          TxBarrier::arrive_and_expect_tx(full_k + stage, Traits::kTileBytes + 8 * kBlockN);
-          SM90_BULK_COPY_G2S::copy(src, full_k + stage, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
-          SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k + stage, sKey + stage * kBlockN,
-                                   4 * kBlockN);
-          SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k + stage, sBias + stage * kBlockN,
-                                   4 * kBlockN);
-          Barrier::wait(empty_v + stage, empty_parity);
-          TxBarrier::arrive_and_expect_tx(full_v + stage, Traits::kTileBytes);
-          SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v + stage, v_smem + stage * Traits::kTileElems,
-                                   Traits::kTileBytes);
+        for (int i = blockIdx.x; i < n_items; i += gridDim.x) {
+          const Item item = item_at(i);
+          const int32_t* list;
+          const int n_tiles = (item_keys(item, &list) + kBlockN - 1) / kBlockN;
+          const char* src = static_cast<const char*>(p.compact) +
+                            (int64_t(item.b) * p.compact_heads + item.h * p.compact_heads / p.H) * list_tiles *
+                                int64_t(Traits::kCompactTileBytes);
+          for (int t = 0; t < n_tiles; ++t, ++it, src += Traits::kCompactTileBytes) {
+            const int stage = it % kStages;
+            const uint32_t empty_parity = ((it / kStages) & 1) ^ 1;
+            Barrier::wait(empty_k + stage, empty_parity);
+            TxBarrier::arrive_and_expect_tx(full_k + stage, Traits::kTileBytes + 8 * kBlockN);
+            SM90_BULK_COPY_G2S::copy(src, full_k + stage, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
+            SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k + stage, sKey + stage * kBlockN,
+                                     4 * kBlockN);
+            SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k + stage, sBias + stage * kBlockN,
+                                     4 * kBlockN);
+            Barrier::wait(empty_v + stage, empty_parity);
+            TxBarrier::arrive_and_expect_tx(full_v + stage, Traits::kTileBytes);
+            SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v + stage, v_smem + stage * Traits::kTileElems,
+                                     Traits::kTileBytes);
+          }
         }
       }
       return;
     }
-    const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride[0] + g * p.k_stride[2];
-    const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride[0] + g * p.v_stride[2];
     // fwd.cu sends only query-broadcast bias and mask here: both are per key.
     const bool bias_per_key = p.bias != nullptr;
     const bool mask_per_key = p.mask != nullptr;
-
     typename Traits::GmemCopyKV gmem_copy;
     auto gthr = gmem_copy.get_thread_slice(tidx);
-    // Column offsets of the thread's 16-byte chunks (row stride 0); the row's key index adds the rest.
-    Tensor gKcols = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
-    Tensor gVcols = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{});
-    Tensor tKgK = gthr.partition_S(gKcols);  // (CPY, CPY_N, CPY_D)
-    Tensor tVgV = gthr.partition_S(gVcols);
     Tensor tKsK = gthr.partition_D(sK);  // (CPY, CPY_N, CPY_D, stage)
     Tensor tVsV = gthr.partition_D(sV);
     Tensor tKVc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     static_assert(decltype(size<1>(tKsK))::value == kLoadRows, "copy partition and key rows agree");
     static_assert(kBlockN == Traits::kProducerThreads, "one metadata row per producer thread");
+    for (int i = blockIdx.x; i < n_items; i += gridDim.x) {
+      const Item item = item_at(i);
+      const int32_t* list;
+      const int limit = item_keys(item, &list);
+      const int n_tiles = (limit + kBlockN - 1) / kBlockN;
+      const int g = item.h / group;
+      const Element* k_ptr = static_cast<const Element*>(p.k) + item.b * p.k_stride[0] + g * p.k_stride[2];
+      const Element* v_ptr = static_cast<const Element*>(p.v) + item.b * p.v_stride[0] + g * p.v_stride[2];
+      const int64_t bias_base = item.b * p.bias_stride[0] + int64_t(item.h) * p.bias_heads / p.H * p.bias_stride[1];
+      const int64_t mask_base = item.b * p.mask_stride[0] + int64_t(item.h) * p.mask_heads / p.H * p.mask_stride[1];
+      // Column offsets of the thread's 16-byte chunks (row stride 0); the row's key index adds the rest.
+      Tensor tKgK = gthr.partition_S(
+          make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{}));
+      Tensor tVgV = gthr.partition_S(
+          make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kHeadDim>>{}, Stride<_0, _1>{}));
 
-    int keys[kLoadRows];
-    fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
-    for (int t = 0; t < n_tiles; ++t) {
-      const int stage = t % kStages;
-      const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
-      // This thread's metadata row (one key row per producer thread, not the copy partition's 8:
-      // their bias values and mask bits would not fit in the producer's registers). Its loads fly
-      // while the stage is still in use.
-      int meta_key = -1;
-      float meta_bias = 0.f;
-      {
-        const int pos = t * kBlockN + tidx;
-        if (pos < limit) {
-          meta_key = list != nullptr ? __ldg(list + pos) : pos;
-          if (meta_key < 0 || meta_key >= p.K) meta_key = -1;
-        }
-        if (meta_key >= 0) {
-          if (bias_per_key) {
-            meta_bias = fwd_impl::load_float(p.bias, p.bias_dtype, bias_base + meta_key * p.bias_stride[3]);
+      int keys[kLoadRows];
+      fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
+      for (int t = 0; t < n_tiles; ++t, ++it) {
+        const int stage = it % kStages;
+        const uint32_t empty_parity = ((it / kStages) & 1) ^ 1;
+        // This thread's metadata row (one key row per producer thread, not the copy partition's 8:
+        // their bias values and mask bits would not fit in the producer's registers). Its loads fly
+        // while the stage is still in use.
+        int meta_key = -1;
+        float meta_bias = 0.f;
+        {
+          const int pos = t * kBlockN + tidx;
+          if (pos < limit) {
+            meta_key = list != nullptr ? __ldg(list + pos) : pos;
+            if (meta_key < 0 || meta_key >= p.K) meta_key = -1;
           }
-          if (mask_per_key && __ldg(p.mask + mask_base + meta_key * p.mask_stride[3]) == 0) meta_key = -1;
+          if (meta_key >= 0) {
+            if (bias_per_key) {
+              meta_bias = fwd_impl::load_float(p.bias, p.bias_dtype, bias_base + meta_key * p.bias_stride[3]);
+            }
+            if (mask_per_key && __ldg(p.mask + mask_base + meta_key * p.mask_stride[3]) == 0) meta_key = -1;
+          }
         }
+
+        Barrier::wait(empty_k + stage, empty_parity);
+        Tensor tKs = tKsK(_, _, _, stage);
+        fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
+        sKey[stage * kBlockN + tidx] = meta_key;
+        sBias[stage * kBlockN + tidx] = meta_bias;
+        // Rows of missing keys (the tail of the last tile) are zero-filled with plain stores, which
+        // wgmma reads through the async proxy. Only those threads fence: the fence is a MEMBAR, and
+        // the other tiles should not pay for it behind their in-flight copies.
+        bool zero_rows = false;
+        CUTE_UNROLL
+        for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
+        if (zero_rows) fence_generic_to_async_smem();
+        // This thread's one arrival of the phase, performed once its copies of the stage have landed
+        // (.noinc: the barrier's count of 128 producer threads already counts it). The previous
+        // version added a plain mbarrier.arrive to a counting cp.async.mbarrier.arrive: two arrivals
+        // per thread and phase, which compute-sanitizer's synccheck reports as "Missing wait" (a
+        // thread arriving again on a phase it has not waited for). The price: sKey/sBias are no longer
+        // published by a release arrive. Their stores precede the arrival in program order and take a
+        // few cycles, against the global round trip of the copies the arrival waits for; a thread with
+        // no copy in flight (all its rows zero-filled, so it arrives at once) has fenced them above
+        // (fence.proxy.async compiles to MEMBAR.ALL.CTA).
+        cutlass::arch::cpasync_barrier_arrive_noinc(full_k + stage);
+
+        Barrier::wait(empty_v + stage, empty_parity);
+        Tensor tVs = tVsV(_, _, _, stage);
+        fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
+        if (zero_rows) fence_generic_to_async_smem();
+        cutlass::arch::cpasync_barrier_arrive_noinc(full_v + stage);
+
+        fwd_impl::tile_keys<kBlockN>(t + 1, tKVc, limit, list, p.K, keys);  // all -1 past the last tile
       }
-
-      Barrier::wait(empty_k + stage, empty_parity);
-      Tensor tKs = tKsK(_, _, _, stage);
-      fwd_impl::load_rows(gmem_copy, tKgK, tKs, p.k_stride[1], keys);
-      sKey[stage * kBlockN + tidx] = meta_key;
-      sBias[stage * kBlockN + tidx] = meta_bias;
-      // Rows of missing keys (the tail of the last tile) are zero-filled with plain stores, which
-      // wgmma reads through the async proxy. Only those threads fence: the fence is a MEMBAR, and
-      // the other tiles should not pay for it behind their in-flight copies.
-      bool zero_rows = false;
-      CUTE_UNROLL
-      for (int m = 0; m < kLoadRows; ++m) zero_rows |= keys[m] < 0;
-      if (zero_rows) fence_generic_to_async_smem();
-      // This thread's one arrival of the phase, performed once its copies of the stage have landed
-      // (.noinc: the barrier's count of 128 producer threads already counts it). The previous
-      // version added a plain mbarrier.arrive to a counting cp.async.mbarrier.arrive: two arrivals
-      // per thread and phase, which compute-sanitizer's synccheck reports as "Missing wait" (a
-      // thread arriving again on a phase it has not waited for). The price: sKey/sBias are no longer
-      // published by a release arrive. Their stores precede the arrival in program order and take a
-      // few cycles, against the global round trip of the copies the arrival waits for; a thread with
-      // no copy in flight (all its rows zero-filled, so it arrives at once) has fenced them above
-      // (fence.proxy.async compiles to MEMBAR.ALL.CTA).
-      cutlass::arch::cpasync_barrier_arrive_noinc(full_k + stage);
-
-      Barrier::wait(empty_v + stage, empty_parity);
-      Tensor tVs = tVsV(_, _, _, stage);
-      fwd_impl::load_rows(gmem_copy, tVgV, tVs, p.v_stride[1], keys);
-      if (zero_rows) fence_generic_to_async_smem();
-      cutlass::arch::cpasync_barrier_arrive_noinc(full_v + stage);
-
-      fwd_impl::tile_keys<kBlockN>(t + 1, tKVc, limit, list, p.K, keys);  // all -1 past the last tile
     }
     cp_async_wait<0>();  // leave only once this thread's copies have landed
     return;
@@ -449,15 +471,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   const int ctidx = tidx - Traits::kProducerThreads;  // 0 .. 255: rows 0..63 are warpgroup 0's
   const int wg = warpgroup - 1;
 
-  // Q: each consumer copies its share (cp.async), then all consumers meet once.
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  {
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(ctidx);
+  auto thr_o = mma_o.get_thread_slice(ctidx);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // descriptors (MMA, 1, D/16, buffer)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // descriptors (MMA, 1, D/16, stage)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // descriptors (MMA, 1, N/16, stage)
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor c_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(c_rc))::value;
+  constexpr int kCols = decltype(size<1>(c_rc))::value;
+
+  const float scale = p.scale;
+  const float softcap = p.softcap;
+  const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
+
+  // Ping-pong: a consumer issues its GEMMs only on its turn (named_sync on its barrier) and then
+  // gives the turn to the other (named_arrive on the other's), 128 + 128 threads per barrier phase.
+  // Warpgroup 0 goes first. Each warpgroup has n_tiles + 1 turns per item; warpgroup 1 skips its
+  // last hand-over, so every barrier sees as many arrivals as waits per item and none is left
+  // pending at exit. (The turns strictly alternate, so an item's first arrival cannot complete a
+  // phase of the previous item.)
+  const int my_turn = kBarTurn0 + wg;
+  const int other_turn = kBarTurn0 + (wg ^ 1);
+
+  // Q of item i into buffer qb: each consumer copies its share with cp.async (rows past Q are
+  // zeros). Two buffers: the next item's Q loads while the current item runs; its buffer is free
+  // once both consumer warpgroups are past the previous item's epilogue, which staged O in it.
+  auto load_q = [&](int i, int qb) {
+    const Item item = item_at(i);
+    const int m0 = item.m_block * kBlockM;
+    const Element* q_ptr = static_cast<const Element*>(p.q) + item.b * p.q_stride[0] + item.h * p.q_stride[2];
     typename Traits::GmemCopyQ gmem_copy_q;
     auto qthr = gmem_copy_q.get_thread_slice(ctidx);
     Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(m0) * p.q_stride[1]),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[1], _1{}));
     Tensor tQgQ = qthr.partition_S(gQ);
-    Tensor tQsQ = qthr.partition_D(sQ);
+    Tensor tQsQ = qthr.partition_D(sQ(_, _, qb));
     Tensor tQcQ = qthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     CUTE_UNROLL
     for (int m = 0; m < size<1>(tQsQ); ++m) {
@@ -471,251 +522,257 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
         }
       }
     }
-    cp_async_fence();
-  }
+  };
 
-  typename Traits::TiledMmaS mma_s;
-  typename Traits::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(ctidx);
-  auto thr_o = mma_o.get_thread_slice(ctidx);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // descriptors (MMA, 1, D/16)
-  Tensor tSrK = thr_s.partition_fragment_B(sK);   // descriptors (MMA, 1, D/16, stage)
-  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // descriptors (MMA, 1, N/16, stage)
-
-  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  clear(acc_o);
-  Tensor o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-  // P of the previous tile, kept while S of the current one is computed.
-  Tensor rP = make_tensor<Element>(acc_s.layout());
-  Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor c_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
-  constexpr int kRows = decltype(size<0>(c_rc))::value;
-  constexpr int kCols = decltype(size<1>(c_rc))::value;
-  static_assert(decltype(size<0>(o_rc))::value == kRows, "S and O share their rows");
-
-  float row_max[kRows];
-  float row_sum[kRows];
-  float alpha[kRows];  // O's rescale for the P it is about to add
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    row_max[mi] = -INFINITY;
-    row_sum[mi] = 0.f;
-  }
-
-  const float scale = p.scale;
-  const float softcap = p.softcap;
-  const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
-
-  // This warpgroup's rows are m0 + 64 wg .. + 63 (the wgmma M of each warpgroup); the earliest of
-  // them sees keys up to wg_last_key.
-  const int wg_row0 = m0 + 64 * wg;
-  const bool interior_ok = p.mask == nullptr && wg_row0 + 63 < p.Q;
-  const int wg_last_key = p.causal ? wg_row0 + off : p.K - 1;
-
-  // Scores of tile t in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
-  // visible. Columns at or past the block's limit hold no key of the block: the gathering producer
-  // stores key -1 there, the compact copy the list's next entries, which the column test drops.
-  auto scores = [&](int stage, int t) {
-    const int tile_keys = limit - t * kBlockN;  // >= kBlockN except in the last tile
-    if (softcap > 0.f) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
+  if (int(blockIdx.x) < n_items) load_q(blockIdx.x, 0);
+  cp_async_fence();
+  int it0 = 0;  // the running index of the current item's first key tile
+  for (int i = blockIdx.x, ord = 0; i < n_items; i += gridDim.x, ++ord) {
+    const int qb = ord & 1;
+    const int next = i + int(gridDim.x);
+    const Item item = item_at(i);
+    const int h = item.h;
+    const int b = item.b;
+    const int m0 = item.m_block * kBlockM;
+    const int32_t* list;
+    const int limit = item_keys(item, &list);
+    const int n_tiles = (limit + kBlockN - 1) / kBlockN;
+    Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
+    float* lse_ptr = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+    if (n_tiles == 0) {  // no key: out 0 and lse -inf; no barrier, no tile
+      fwd_impl::write_empty_block<Traits>(out_ptr, p.out_stride[1], lse_ptr, m0, p.Q, ctidx, kConsumerThreads);
+      if (next < n_items) load_q(next, qb ^ 1);
+      cp_async_fence();
+      continue;
     }
-    const int* stage_key = sKey + stage * kBlockN;
-    const float* stage_bias = sBias + stage * kBlockN;
-    // Interior tile: every key present and visible to every row of this warpgroup, so only the bias
-    // is added (the per-element test is about a third of the softmax's instructions, and the
-    // softmax has to fit under the other warpgroup's GEMMs). Keys of a tile are ascending (LIST
-    // lists are sorted, DENSE keys consecutive), so its first and last key bound all of them; a
-    // key mask can drop keys in between, so with a mask every tile takes the full test.
-    const int first_key = stage_key[0];
-    const int last_tile_key = stage_key[kBlockN - 1];
-    // Columns go in chunks of 8 whose sKey/sBias reads may not move above the previous chunk (the
-    // empty asm with a memory clobber): hoisting all of them costs 64 registers that the consumers,
-    // holding S, P and O at once, do not have (ptxas spilled).
-    constexpr int kChunk = 8;
-    static_assert(kCols % kChunk == 0, "whole chunks of columns");
-    if (interior_ok && tile_keys >= kBlockN && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
+    cp_async_wait<0>();
+    fence_generic_to_async_smem();
+    // Q(i) is visible to both consumer warpgroups, and both are past the previous item's epilogue:
+    // the other buffer is free for the next item's Q.
+    named_sync(kBarConsumers, kConsumerThreads);
+    if (next < n_items) load_q(next, qb ^ 1);
+    cp_async_fence();
+    if (wg == 1) named_arrive(kBarTurn0, kConsumerThreads);
+
+    Tensor tSrQb = tSrQ(_, _, _, qb);
+    Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    clear(acc_o);
+    Tensor o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    // P of the previous tile, kept while S of the current one is computed.
+    Tensor rP = make_tensor<Element>(acc_s.layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
+    static_assert(decltype(size<0>(o_rc))::value == kRows, "S and O share their rows");
+
+    float row_max[kRows];
+    float row_sum[kRows];
+    float alpha[kRows];  // O's rescale for the P it is about to add
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      row_max[mi] = -INFINITY;
+      row_sum[mi] = 0.f;
+    }
+
+    // This warpgroup's rows are m0 + 64 wg .. + 63 (the wgmma M of each warpgroup); the earliest of
+    // them sees keys up to wg_last_key.
+    const int wg_row0 = m0 + 64 * wg;
+    const bool interior_ok = p.mask == nullptr && wg_row0 + 63 < p.Q;
+    const int wg_last_key = p.causal ? wg_row0 + off : p.K - 1;
+
+    // Scores of tile t in stage `stage`: scale (or softcap), bias, then -inf wherever the key is not
+    // visible. Columns at or past the block's limit hold no key of the block: the gathering producer
+    // stores key -1 there, the compact copy the list's next entries, which the column test drops.
+    auto scores = [&](int stage, int t) {
+      const int tile_keys = limit - t * kBlockN;  // >= kBlockN except in the last tile
+      if (softcap > 0.f) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
+      } else {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
+      }
+      const int* stage_key = sKey + stage * kBlockN;
+      const float* stage_bias = sBias + stage * kBlockN;
+      // Interior tile: every key present and visible to every row of this warpgroup, so only the bias
+      // is added (the per-element test is about a third of the softmax's instructions, and the
+      // softmax has to fit under the other warpgroup's GEMMs). Keys of a tile are ascending (LIST
+      // lists are sorted, DENSE keys consecutive), so its first and last key bound all of them; a
+      // key mask can drop keys in between, so with a mask every tile takes the full test.
+      const int first_key = stage_key[0];
+      const int last_tile_key = stage_key[kBlockN - 1];
+      // Columns go in chunks of 8 whose sKey/sBias reads may not move above the previous chunk (the
+      // empty asm with a memory clobber): hoisting all of them costs 64 registers that the consumers,
+      // holding S, P and O at once, do not have (ptxas spilled).
+      constexpr int kChunk = 8;
+      static_assert(kCols % kChunk == 0, "whole chunks of columns");
+      if (interior_ok && tile_keys >= kBlockN && first_key >= 0 && last_tile_key >= 0 && last_tile_key <= wg_last_key) {
+        CUTE_UNROLL
+        for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+          CUTE_UNROLL
+          for (int ni = n0; ni < n0 + kChunk; ++ni) {
+            const float bias = stage_bias[get<1>(c_rc(0, ni))];
+            CUTE_UNROLL
+            for (int mi = 0; mi < kRows; ++mi) s_rc(mi, ni) += bias;
+          }
+          asm volatile("" ::: "memory");
+        }
+        return;
+      }
+      int last_key[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int row = m0 + get<0>(c_rc(mi, 0));
+        // A row past Q sees nothing (its results are not stored either; this keeps them finite).
+        last_key[mi] = row >= p.Q ? -1 : p.causal ? row + off : p.K;
+      }
       CUTE_UNROLL
       for (int n0 = 0; n0 < kCols; n0 += kChunk) {
         CUTE_UNROLL
         for (int ni = n0; ni < n0 + kChunk; ++ni) {
-          const float bias = stage_bias[get<1>(c_rc(0, ni))];
+          const int c = get<1>(c_rc(0, ni));
+          const int key = c < tile_keys ? stage_key[c] : -1;
+          const float bias = stage_bias[c];
           CUTE_UNROLL
-          for (int mi = 0; mi < kRows; ++mi) s_rc(mi, ni) += bias;
+          for (int mi = 0; mi < kRows; ++mi) {
+            const bool visible = key >= 0 && key <= last_key[mi];
+            s_rc(mi, ni) = visible ? s_rc(mi, ni) + bias : -INFINITY;
+          }
         }
         asm volatile("" ::: "memory");
       }
-      return;
-    }
-    int last_key[kRows];
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = m0 + get<0>(c_rc(mi, 0));
-      // A row past Q sees nothing (its results are not stored either; this keeps them finite).
-      last_key[mi] = row >= p.Q ? -1 : p.causal ? row + off : p.K;
-    }
-    CUTE_UNROLL
-    for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+    };
+
+    // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0,
+    // so every exp of it is 0 and alpha is 0 (never inf - inf). O's rescale by alpha waits until O is
+    // not in flight (rescale_o).
+    auto softmax = [&]() {
       CUTE_UNROLL
-      for (int ni = n0; ni < n0 + kChunk; ++ni) {
-        const int c = get<1>(c_rc(0, ni));
-        const int key = c < tile_keys ? stage_key[c] : -1;
-        const float bias = stage_bias[c];
+      for (int mi = 0; mi < kRows; ++mi) {
+        float mx = row_max[mi];
         CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const bool visible = key >= 0 && key <= last_key[mi];
-          s_rc(mi, ni) = visible ? s_rc(mi, ni) + bias : -INFINITY;
+        for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
+        mx = fwd_impl::quad_max(mx);
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        alpha[mi] = exp2f((row_max[mi] - m_use) * kLog2e);
+        row_max[mi] = mx;
+        row_sum[mi] *= alpha[mi];
+        const float shift = m_use * kLog2e;
+        CUTE_UNROLL
+        for (int ni = 0; ni < kCols; ++ni) {
+          const float e = exp2f(fmaf(s_rc(mi, ni), kLog2e, -shift));
+          s_rc(mi, ni) = e;
+          row_sum[mi] += e;
         }
       }
-      asm volatile("" ::: "memory");
-    }
-  };
+    };
 
-  // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0,
-  // so every exp of it is 0 and alpha is 0 (never inf - inf). O's rescale by alpha waits until O is
-  // not in flight (rescale_o).
-  auto softmax = [&]() {
+    auto rescale_o = [&]() {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= alpha[mi];
+      }
+    };
+
+    // Tile 0: S only (there is no P yet).
+    Barrier::wait(full_k + it0 % kStages, (it0 / kStages) & 1);
+    fence_generic_to_async_smem();
+    named_sync(my_turn, kConsumerThreads);
+    gemm_issue<true>(mma_s, tSrQb, tSrK(_, _, _, it0 % kStages), acc_s);
+    named_arrive(other_turn, kConsumerThreads);
+    warpgroup_wait<0>();
+    gemm_done(acc_s);
+    scores(it0 % kStages, 0);
+    Barrier::arrive(empty_k + it0 % kStages);
+    softmax();
+    convert_into(acc_s, rP);
+
+    for (int t = 1; t < n_tiles; ++t) {
+      const int stage = (it0 + t) % kStages;
+      const int prev = (it0 + t - 1) % kStages;
+      Barrier::wait(full_k + stage, ((it0 + t) / kStages) & 1);
+      Barrier::wait(full_v + prev, ((it0 + t - 1) / kStages) & 1);
+      fence_generic_to_async_smem();
+      named_sync(my_turn, kConsumerThreads);
+      gemm_issue<true>(mma_s, tSrQb, tSrK(_, _, _, stage), acc_s);  // S(t)
+      rescale_o();
+      gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, prev), acc_o);  // O += P(t-1) V(t-1)
+      named_arrive(other_turn, kConsumerThreads);
+      warpgroup_wait<1>();  // S(t) done; O += P V may still run
+      gemm_done(acc_s);
+      scores(stage, t);
+      Barrier::arrive(empty_k + stage);
+      softmax();
+      warpgroup_wait<0>();  // O += P(t-1) V(t-1) done: V(t-1) and P's registers are free
+      gemm_done(acc_o);
+      gemm_done(tOrP);
+      Barrier::arrive(empty_v + prev);
+      convert_into(acc_s, rP);
+    }
+
+    {  // O += P V of the last tile
+      const int last = (it0 + n_tiles - 1) % kStages;
+      Barrier::wait(full_v + last, ((it0 + n_tiles - 1) / kStages) & 1);
+      fence_generic_to_async_smem();
+      named_sync(my_turn, kConsumerThreads);
+      rescale_o();
+      gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, last), acc_o);
+      if (wg == 0) named_arrive(other_turn, kConsumerThreads);
+      warpgroup_wait<0>();
+      gemm_done(acc_o);
+      gemm_done(tOrP);
+      Barrier::arrive(empty_v + last);  // the producer refills this stage for a later item
+    }
+
+    // ---------------------------------------------------------------- epilogue
+    float row_lse[kRows];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      float mx = row_max[mi];
+      const float sum = fwd_impl::quad_sum(row_sum[mi]);
+      const bool any = sum > 0.f;
+      const float inv = any ? 1.f / sum : 0.f;
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
-      mx = fwd_impl::quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      alpha[mi] = exp2f((row_max[mi] - m_use) * kLog2e);
-      row_max[mi] = mx;
-      row_sum[mi] *= alpha[mi];
-      const float shift = m_use * kLog2e;
+      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= inv;
+      row_lse[mi] = any ? row_max[mi] + logf(sum) : -INFINITY;
+    }
+    if (get<1>(c_rc(0, 0)) == 0) {  // one thread of each quad writes the quad's rows
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const float e = exp2f(fmaf(s_rc(mi, ni), kLog2e, -shift));
-        s_rc(mi, ni) = e;
-        row_sum[mi] += e;
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int row = m0 + get<0>(c_rc(mi, 0));
+        if (row < p.Q) lse_ptr[row] = row_lse[mi];
       }
     }
-  };
 
-  auto rescale_o = [&]() {
+    // O goes through shared memory (the Q tile) so the global stores are 16-byte rows. The barrier
+    // makes sure no consumer still reads Q in its last S = Q K^T.
+    Tensor rO = fwd_impl::convert_fragment<Element>(acc_o);
+    named_sync(kBarConsumers, kConsumerThreads);
+    Tensor sO = make_tensor(make_smem_ptr(q_smem + qb * Traits::kQElems), typename Traits::SmemLayoutQ{});
+    auto smem_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_o);
+    auto sthr_O = smem_copy_O.get_thread_slice(ctidx);
+    Tensor taccOrO = sthr_O.retile_S(rO);
+    Tensor taccOsO = sthr_O.partition_D(sO);
+    copy(smem_copy_O, taccOrO, taccOsO);
+    named_sync(kBarConsumers, kConsumerThreads);
+
+    typename Traits::GmemCopyOut gmem_copy_O;
+    auto gthr_O = gmem_copy_O.get_thread_slice(ctidx);
+    Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * p.out_stride[1]), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                            make_stride(p.out_stride[1], _1{}));
+    Tensor tOsO = gthr_O.partition_S(sO);
+    Tensor tOgO = gthr_O.partition_D(gO);
+    Tensor tOcO = gthr_O.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor tOrO = make_tensor<Element>(shape(tOgO));
+    copy(gmem_copy_O, tOsO, tOrO);
     CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= alpha[mi];
+    for (int m = 0; m < size<1>(tOgO); ++m) {
+      if (m0 + get<0>(tOcO(0, m, 0)) < p.Q) {
+        CUTE_UNROLL
+        for (int kk = 0; kk < size<2>(tOgO); ++kk) copy(gmem_copy_O, tOrO(_, m, kk), tOgO(_, m, kk));
+      }
     }
-  };
-
-  // Ping-pong: a consumer issues its GEMMs only on its turn (named_sync on its barrier) and then
-  // gives the turn to the other (named_arrive on the other's), 128 + 128 threads per barrier phase.
-  // Warpgroup 0 goes first. Each warpgroup has n_tiles + 1 turns; warpgroup 1 skips its last
-  // hand-over, so every barrier sees as many arrivals as waits and none is left pending at exit.
-  const int my_turn = kBarTurn0 + wg;
-  const int other_turn = kBarTurn0 + (wg ^ 1);
-  cp_async_wait<0>();
-  fence_generic_to_async_smem();
-  named_sync(kBarConsumers, kConsumerThreads);  // Q visible to both consumer warpgroups
-  if (wg == 1) named_arrive(kBarTurn0, kConsumerThreads);
-
-  // Tile 0: S only (there is no P yet).
-  Barrier::wait(full_k, 0);
-  fence_generic_to_async_smem();
-  named_sync(my_turn, kConsumerThreads);
-  gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, 0), acc_s);
-  named_arrive(other_turn, kConsumerThreads);
-  warpgroup_wait<0>();
-  gemm_done(acc_s);
-  scores(0, 0);
-  Barrier::arrive(empty_k);
-  softmax();
-  convert_into(acc_s, rP);
-
-  for (int t = 1; t < n_tiles; ++t) {
-    const int stage = t % kStages;
-    const int prev = (t - 1) % kStages;
-    Barrier::wait(full_k + stage, (t / kStages) & 1);
-    Barrier::wait(full_v + prev, ((t - 1) / kStages) & 1);
-    fence_generic_to_async_smem();
-    named_sync(my_turn, kConsumerThreads);
-    gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);  // S(t)
-    rescale_o();
-    gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, prev), acc_o);  // O += P(t-1) V(t-1)
-    named_arrive(other_turn, kConsumerThreads);
-    warpgroup_wait<1>();  // S(t) done; O += P V may still run
-    gemm_done(acc_s);
-    scores(stage, t);
-    Barrier::arrive(empty_k + stage);
-    softmax();
-    warpgroup_wait<0>();  // O += P(t-1) V(t-1) done: V(t-1) and P's registers are free
-    gemm_done(acc_o);
-    gemm_done(tOrP);
-    Barrier::arrive(empty_v + prev);
-    convert_into(acc_s, rP);
-  }
-
-  {  // O += P V of the last tile
-    const int last = (n_tiles - 1) % kStages;
-    Barrier::wait(full_v + last, ((n_tiles - 1) / kStages) & 1);
-    fence_generic_to_async_smem();
-    named_sync(my_turn, kConsumerThreads);
-    rescale_o();
-    gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, last), acc_o);
-    if (wg == 0) named_arrive(other_turn, kConsumerThreads);
-    warpgroup_wait<0>();
-    gemm_done(acc_o);
-    gemm_done(tOrP);
-  }
-
-  // ---------------------------------------------------------------- epilogue
-  float row_lse[kRows];
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const float sum = fwd_impl::quad_sum(row_sum[mi]);
-    const bool any = sum > 0.f;
-    const float inv = any ? 1.f / sum : 0.f;
-    CUTE_UNROLL
-    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= inv;
-    row_lse[mi] = any ? row_max[mi] + logf(sum) : -INFINITY;
-  }
-  if (get<1>(c_rc(0, 0)) == 0) {  // one thread of each quad writes the quad's rows
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = m0 + get<0>(c_rc(mi, 0));
-      if (row < p.Q) lse_ptr[row] = row_lse[mi];
-    }
-  }
-
-  // O goes through shared memory (the Q tile) so the global stores are 16-byte rows. The barrier
-  // makes sure no consumer still reads Q in its last S = Q K^T.
-  Tensor rO = fwd_impl::convert_fragment<Element>(acc_o);
-  named_sync(kBarConsumers, kConsumerThreads);
-  Tensor sO = make_tensor(make_smem_ptr(q_smem), typename Traits::SmemLayoutQ{});
-  auto smem_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_o);
-  auto sthr_O = smem_copy_O.get_thread_slice(ctidx);
-  Tensor taccOrO = sthr_O.retile_S(rO);
-  Tensor taccOsO = sthr_O.partition_D(sO);
-  copy(smem_copy_O, taccOrO, taccOsO);
-  named_sync(kBarConsumers, kConsumerThreads);
-
-  typename Traits::GmemCopyOut gmem_copy_O;
-  auto gthr_O = gmem_copy_O.get_thread_slice(ctidx);
-  Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * p.out_stride[1]), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                          make_stride(p.out_stride[1], _1{}));
-  Tensor tOsO = gthr_O.partition_S(sO);
-  Tensor tOgO = gthr_O.partition_D(gO);
-  Tensor tOcO = gthr_O.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  Tensor tOrO = make_tensor<Element>(shape(tOgO));
-  copy(gmem_copy_O, tOsO, tOrO);
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tOgO); ++m) {
-    if (m0 + get<0>(tOcO(0, m, 0)) < p.Q) {
-      CUTE_UNROLL
-      for (int kk = 0; kk < size<2>(tOgO); ++kk) copy(gmem_copy_O, tOrO(_, m, kk), tOgO(_, m, kk));
-    }
+    it0 += n_tiles;
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // compiled without sm_90a features: fwd.cu must never launch this
@@ -830,7 +887,12 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
     gather<<<tiles, Traits::kProducerThreads, gather_smem, stream>>>(params);
     check_cuda(cudaGetLastError(), "dma_fwd_sm90_compact_kernel launch");
   }
-  const dim3 grid(unsigned((params.Q + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(params.H), unsigned(params.B));
+  // Persistent: one block per SM at most (the kernel walks the work items itself).
+  const int64_t items = (params.Q + Traits::kBlockM - 1) / Traits::kBlockM * int64_t(params.B) * params.H;
+  if (items >= (int64_t(1) << 31)) throw std::invalid_argument("the sm_90a forward takes fewer than 2^31 query blocks");
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const unsigned grid = unsigned(items < device_sm_count(device) ? items : device_sm_count(device));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(params);
   check_cuda(cudaGetLastError(), "dma_fwd_sm90_kernel launch");
 }

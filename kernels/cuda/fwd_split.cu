@@ -9,6 +9,7 @@
 #include <string>
 
 #include "check.h"
+#include "fwd.h"
 #include "fwd_split.h"
 #include "switch.h"
 #include "tiles.h"
@@ -16,24 +17,14 @@
 namespace dmattn {
 namespace cuda {
 
-namespace {
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t gcd(int64_t a, int64_t b) {
-  while (b != 0) {
-    const int64_t t = a % b;
-    a = b;
-    b = t;
-  }
-  return a;
-}
-
 // Multiprocessor count per device ordinal, 0 until first read (fwd.cu does the same for the
-// compute capability): fwd_split_count runs on the decode path's every call.
+// compute capability): fwd_split_count and the sm_90a forward's grid read it on every call.
+namespace {
 constexpr int kMaxDevices = 64;
 std::atomic<int> g_sms[kMaxDevices];
+}  // namespace
 
-int device_sms(int device) {
+int device_sm_count(int device) {
   if (device < 0 || device >= kMaxDevices) {
     int sms = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
@@ -47,6 +38,18 @@ int device_sms(int device) {
     g_sms[device].store(sms, std::memory_order_relaxed);
   }
   return sms;
+}
+
+namespace {
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t gcd(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -155,7 +158,7 @@ int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim,
 }
 
 int fwd_split_count_on(int device, int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys) {
-  return fwd_split_count(B, Q, H, H_kv, head_dim, n_keys, device_sms(device));
+  return fwd_split_count(B, Q, H, H_kv, head_dim, n_keys, device_sm_count(device));
 }
 
 int64_t fwd_split_workspace(int64_t B, int64_t Q, int64_t H, int head_dim, int splits) {

@@ -59,8 +59,13 @@ struct FwdSm90Tile {
 // against 2.76 ms for the sm_80 kernel; the producer/consumer version with overlapped GEMMs 3.18
 // against 2.74, T8k 0.89 against 0.80 (benchmarks/results/cuda-fwd-sm90b-h200-2026-11-28.json);
 // 2026-11-29, with LIST tiles loaded from the compact copy: T32k 1.42 against 3.07, T8k 0.39
-// against 0.88 (benchmarks/results/cuda-fwd-compact-h200-2026-11-29.log). No other tile of it has
-// been timed; the choices below come from budgets:
+// against 0.88 (benchmarks/results/cuda-fwd-compact-h200-2026-11-29.log); persistent (one block
+// per SM walking items, the next item's tiles and Q loading under the current one's end): T32k
+// 1.37, T8k 0.37 (cuda-fwd-persistent-h200-2026-11-29.json). Estimated from the kernel times, an
+// item still costs about 8 us beyond its key tiles (T32k: 62 items per SM in 1.34 ms, 21.6 us for
+// ~8 tiles; the harness's T8k, w = 1024: 15.5 items per SM, ~15 us for ~4 tiles): the first tile's
+// S and softmax, which nothing overlaps, and the epilogue. No other tile of it has been timed; the
+// choices below come from budgets:
 // - block_m = 128 as two consumer warpgroups of 64 rows (one wgmma M of 64 each): the same query
 //   block as fwd_tile, so the LIST counts built for fwd_block_m(D) serve both kernels and the Python
 //   side never needs to know which one runs; two warpgroups also share one K/V tile, halving the
