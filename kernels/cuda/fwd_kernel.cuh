@@ -296,6 +296,69 @@ __device__ __forceinline__ int block_keys(const FwdParams& p, int b, int h, int 
   return p.K;
 }
 
+// Raw scores times the softmax scale, or softcap * tanh(score * scale / softcap) with a softcap
+// (scale_over_cap = scale / softcap).
+template <class TS>
+__device__ __forceinline__ void scale_scores(TS& acc_s, float scale, float softcap, float scale_over_cap) {
+  if (softcap > 0.f) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
+  }
+}
+
+// The end of the online softmax for a thread's rows: O divided by the row sums (a row without keys
+// stays 0) and, from one thread of each quad, the rows' log-sum-exp into lse_ptr (-inf for a row
+// without keys; rows at or past Q are not written). o_rc, c_rc: the thread's O accumulator and its
+// identity coordinates viewed as (rows, columns); row_max in natural units.
+template <int kRows, class TO, class TC>
+__device__ __forceinline__ void finish_rows(TO& o_rc, TC const& c_rc, const float (&row_max)[kRows],
+                                            const float (&row_sum)[kRows], float* lse_ptr, int m0, int Q) {
+  float row_lse[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const float sum = quad_sum(row_sum[mi]);
+    const bool any = sum > 0.f;
+    const float inv = any ? 1.f / sum : 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= inv;
+    row_lse[mi] = any ? row_max[mi] + logf(sum) : -INFINITY;
+  }
+  if (get<1>(c_rc(0, 0)) == 0) {  // one thread of each quad writes the quad's rows
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int row = m0 + get<0>(c_rc(mi, 0));
+      if (row < Q) lse_ptr[row] = row_lse[mi];
+    }
+  }
+}
+
+// O's block_m x D tile from shared memory (sO, staged there by the caller, who has synchronised
+// the threads since) to out in 16-byte rows, rows below Q only. `thread`: this thread's index among
+// the GmemCopyOut threads.
+template <class Traits, class TS>
+__device__ __forceinline__ void store_out_rows(TS const& sO, int thread, typename Traits::Element* out_ptr,
+                                               int64_t row_stride, int m0, int Q) {
+  typename Traits::GmemCopyOut gmem_copy_O;
+  auto gthr_O = gmem_copy_O.get_thread_slice(thread);
+  Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * row_stride),
+                          Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}, make_stride(row_stride, _1{}));
+  Tensor tOsO = gthr_O.partition_S(sO);
+  Tensor tOgO = gthr_O.partition_D(gO);
+  Tensor tOcO = gthr_O.partition_D(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}));
+  Tensor tOrO = make_tensor<typename Traits::Element>(shape(tOgO));
+  copy(gmem_copy_O, tOsO, tOrO);
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tOgO); ++m) {
+    if (m0 + get<0>(tOcO(0, m, 0)) < Q) {
+      CUTE_UNROLL
+      for (int kk = 0; kk < size<2>(tOgO); ++kk) copy(gmem_copy_O, tOrO(_, m, kk), tOgO(_, m, kk));
+    }
+  }
+}
+
 // A query block that sees no key: out 0 and lse -inf for its rows, written by `threads` threads.
 template <class Traits>
 __device__ void write_empty_block(typename Traits::Element* out, int64_t out_row_stride, float* lse, int m0, int Q,
@@ -469,13 +532,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
 
     // Scores: scale (or softcap), bias, then -inf wherever the key is not visible.
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    if (softcap > 0.f) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
-    }
+    scale_scores(acc_s, scale, softcap, scale_over_cap);
     int col_key[kCols];
     float col_bias[kCols];
     int col_death[kCols];
@@ -560,23 +617,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   }
 
   // ---------------------------------------------------------------- epilogue
-  float row_lse[kRows];
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const float sum = quad_sum(row_sum[mi]);
-    const bool any = sum > 0.f;
-    const float inv = any ? 1.f / sum : 0.f;
-    CUTE_UNROLL
-    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= inv;
-    row_lse[mi] = any ? row_max[mi] + logf(sum) : -INFINITY;
-  }
-  if (get<1>(c_rc(0, 0)) == 0) {  // one thread of each quad writes the quad's rows
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = m0 + get<0>(c_rc(mi, 0));
-      if (row < p.Q) lse_ptr[row] = row_lse[mi];
-    }
-  }
+  finish_rows(o_rc, c_rc, row_max, row_sum, lse_ptr, m0, p.Q);
 
   // O goes through shared memory (the Q tile, which no thread reads any more: the last QK^T GEMM
   // ended before the last barrier) so the global stores are 16-byte rows.
@@ -588,23 +629,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   Tensor taccOsO = sthr_O.partition_D(sO);
   copy(smem_copy_O, taccOrO, taccOsO);
   __syncthreads();
-
-  typename Traits::GmemCopyOut gmem_copy_O;
-  auto gthr_O = gmem_copy_O.get_thread_slice(tidx);
-  Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * p.out_stride[1]),
-                          Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.out_stride[1], _1{}));
-  Tensor tOsO = gthr_O.partition_S(sO);
-  Tensor tOgO = gthr_O.partition_D(gO);
-  Tensor tOcO = gthr_O.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  Tensor tOrO = make_tensor<Element>(shape(tOgO));
-  copy(gmem_copy_O, tOsO, tOrO);
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tOgO); ++m) {
-    if (m0 + get<0>(tOcO(0, m, 0)) < p.Q) {
-      CUTE_UNROLL
-      for (int kk = 0; kk < size<2>(tOgO); ++kk) copy(gmem_copy_O, tOrO(_, m, kk), tOgO(_, m, kk));
-    }
-  }
+  store_out_rows<Traits>(sO, tidx, out_ptr, p.out_stride[1], m0, p.Q);
 }
 
 }  // namespace fwd_impl

@@ -585,13 +585,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     // stores key -1 there, the compact copy the list's next entries, which the column test drops.
     auto scores = [&](int stage, int t) {
       const int tile_keys = limit - t * kBlockN;  // >= kBlockN except in the last tile
-      if (softcap > 0.f) {
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
-      } else {
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
-      }
+      fwd_impl::scale_scores(acc_s, scale, softcap, scale_over_cap);
       const int* stage_key = sKey + stage * kBlockN;
       const float* stage_bias = sBias + stage * kBlockN;
       // Interior tile: every key present and visible to every row of this warpgroup, so only the bias
@@ -726,26 +720,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     }
 
     // ---------------------------------------------------------------- epilogue
-    float row_lse[kRows];
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const float sum = fwd_impl::quad_sum(row_sum[mi]);
-      const bool any = sum > 0.f;
-      const float inv = any ? 1.f / sum : 0.f;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= inv;
-      row_lse[mi] = any ? row_max[mi] + logf(sum) : -INFINITY;
-    }
-    if (get<1>(c_rc(0, 0)) == 0) {  // one thread of each quad writes the quad's rows
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        const int row = m0 + get<0>(c_rc(mi, 0));
-        if (row < p.Q) lse_ptr[row] = row_lse[mi];
-      }
-    }
+    fwd_impl::finish_rows(o_rc, c_rc, row_max, row_sum, lse_ptr, m0, p.Q);
 
-    // O goes through shared memory (the Q tile) so the global stores are 16-byte rows. The barrier
-    // makes sure no consumer still reads Q in its last S = Q K^T.
+    // O goes through shared memory (the item's Q buffer) so the global stores are 16-byte rows. The
+    // barrier makes sure no consumer still reads Q in its last S = Q K^T.
     Tensor rO = fwd_impl::convert_fragment<Element>(acc_o);
     named_sync(kBarConsumers, kConsumerThreads);
     Tensor sO = make_tensor(make_smem_ptr(q_smem + qb * Traits::kQElems), typename Traits::SmemLayoutQ{});
@@ -755,23 +733,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     Tensor taccOsO = sthr_O.partition_D(sO);
     copy(smem_copy_O, taccOrO, taccOsO);
     named_sync(kBarConsumers, kConsumerThreads);
-
-    typename Traits::GmemCopyOut gmem_copy_O;
-    auto gthr_O = gmem_copy_O.get_thread_slice(ctidx);
-    Tensor gO = make_tensor(make_gmem_ptr(out_ptr + int64_t(m0) * p.out_stride[1]), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                            make_stride(p.out_stride[1], _1{}));
-    Tensor tOsO = gthr_O.partition_S(sO);
-    Tensor tOgO = gthr_O.partition_D(gO);
-    Tensor tOcO = gthr_O.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    Tensor tOrO = make_tensor<Element>(shape(tOgO));
-    copy(gmem_copy_O, tOsO, tOrO);
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(tOgO); ++m) {
-      if (m0 + get<0>(tOcO(0, m, 0)) < p.Q) {
-        CUTE_UNROLL
-        for (int kk = 0; kk < size<2>(tOgO); ++kk) copy(gmem_copy_O, tOrO(_, m, kk), tOgO(_, m, kk));
-      }
-    }
+    fwd_impl::store_out_rows<Traits>(sO, ctidx, out_ptr, p.out_stride[1], m0, p.Q);
     it0 += n_tiles;
   }
 #elif defined(__CUDA_ARCH__)
