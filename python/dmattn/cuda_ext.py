@@ -96,7 +96,7 @@ def uses_sm90(head_dim: int, per_query: bool = False) -> bool:
 def compact_bytes(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                   idx: torch.Tensor) -> int:
     """Workspace bytes of the sm_90a forward's compact copy for a LIST call (``idx`` (B_s, H_s, W)),
-    0 where the call does not take that kernel: on an H100/H200 the listed key and value rows are
+    0 where the call does not take that kernel on the current device: on an H100/H200 the listed key and value rows are
     gathered once per call into the kernel's shared-memory tile images (B * H_kv * W * D * 4 bytes
     plus 8 per entry, one copy per query head if the selection is per query head), which it loads
     with bulk copies instead of gathering rows in its inner loop (T32k: 8 MiB)."""
@@ -356,17 +356,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
     q, k, v, bias, mask, idx, counts = plain(q, k, v, bias, mask, idx, counts)
     q, k, v = _kernel_rows(q), _kernel_rows(k), _kernel_rows(v)
     split_args = {}
-    if splits:
-        # The partials: (splits, B * H * Q) rows of D outputs, then the row maxima and sums. Every
-        # entry the merge reads is written first (new_output poisons it under the tests).
-        workspace = new_output((int(splits) * B * H * Q * (D + 2),), torch.float32, q.device)
-        split_args = dict(splits=int(splits), workspace=dlpack(workspace)[0])
-    elif idx is not None and death is None:
-        nbytes = compact_bytes(q, k, bias, mask, idx)
-        if nbytes:
-            workspace = new_output((-(-nbytes // 4),), torch.float32, q.device)
-            split_args = dict(workspace=dlpack(workspace)[0])
     with on_device(q.device):
+        if splits:
+            # The partials: (splits, B * H * Q) rows of D outputs, then the row maxima and sums. Every
+            # entry the merge reads is written first (new_output poisons it under the tests).
+            workspace = new_output((int(splits) * B * H * Q * (D + 2),), torch.float32, q.device)
+            split_args = dict(splits=int(splits), workspace=dlpack(workspace)[0])
+        elif idx is not None and death is None:
+            # Asked on q's device: whether the sm_90a kernel runs depends on the current device's
+            # compute capability.
+            nbytes = compact_bytes(q, k, bias, mask, idx)
+            if nbytes:
+                workspace = new_output((-(-nbytes // 4),), torch.float32, q.device)
+                split_args = dict(workspace=dlpack(workspace)[0])
         if death is not None:
             split_args["death"] = dlpack(death)[0]
         _cuda.fwd(*dlpack(q, k, v, bias, mask, out, lse, idx, counts),
