@@ -89,10 +89,10 @@ int fwd(const FwdParams& params, cudaStream_t stream) {
 
 int fwd_compact_heads(int H, int H_kv, int sel_heads, int bias_heads, int mask_heads) {
   // Query heads that share a selection row and a kv head: per query head when the selection is,
-  // else per kv head (selection heads are 1, H_kv or H). The bias and mask heads must not split
-  // them (a compact head carries one bias value per key).
-  // Query head h reads selection row, bias head and mask head h * n / H: constant over a compact
-  // head's H / ch query heads when n divides ch.
+  // else per kv head (selection heads are 1, H_kv or H). A compact head carries one bias value per
+  // key, so the bias and mask heads must not split it either: query head h reads selection row,
+  // bias head and mask head h * n / H, constant over a compact head's H / ch query heads when n
+  // divides ch.
   const int ch = sel_heads == H ? H : H_kv;
   const auto splits_not = [ch](int n) { return n > 0 && ch % n == 0; };
   if (H <= 0 || H_kv <= 0 || H % H_kv != 0) return 0;
