@@ -6,8 +6,9 @@
 #   e.g. benchmarks/cuda_tile_sweep.sh $OUT now:128,32,4:64,32,64,32,4 fwd64:128,64,4:64,32,64,32,4
 #
 # For each candidate: builds only the _cuda module (kernels/cuda/tiles.h's DMATTN_SWEEP_* definitions,
-# head dim SWEEP_D (default 128), sm_90 machine code: not sm_90a, whose wgmma forward needs block_m =
-# 128 and is off by default anyway) into its own build folder (about 40 s on 2 cores), lays it over the
+# head dim SWEEP_D (default 128), sm_90 machine code: not sm_90a, so the forward timed is the sm_80
+# kernel the visible scope, per-query calls and D = 32/96/256 use, not the wgmma one that global-scope
+# calls at D = 64/128 take on an H100/H200) into its own build folder (about 40 s on 2 cores), lays it over the
 # installed dmattn (Python from this checkout, the CPU module from the installed wheel), checks it
 # against the float64 reference (tests/test_cuda_fwd.py and tests/test_cuda_bwd.py at that head
 # dim), then times it with benchmarks/cuda_fwd.py and benchmarks/cuda_bwd.py (T32k-like, JSON per
