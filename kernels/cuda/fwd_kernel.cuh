@@ -296,6 +296,32 @@ __device__ __forceinline__ int block_keys(const FwdParams& p, int b, int h, int 
   return p.K;
 }
 
+// One row of a key tile through the online softmax, in base 2: p = 2^(s log2e - m log2e). Updates
+// the row's running max and sum, replaces its scores by p, and returns alpha, the factor O's row
+// must be rescaled by. A row whose max is still -inf shifts by 0, so every p of it is 0 and alpha is
+// 0 (never inf - inf). s_rc: the thread's scores as (rows, columns).
+template <class TS>
+__device__ __forceinline__ float softmax_row(TS& s_rc, int mi, float& row_max, float& row_sum) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kCols = decltype(size<1>(s_rc))::value;
+  float mx = row_max;
+  CUTE_UNROLL
+  for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
+  mx = quad_max(mx);
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  const float alpha = exp2f((row_max - m_use) * kLog2e);
+  row_max = mx;
+  row_sum *= alpha;
+  const float shift = m_use * kLog2e;
+  CUTE_UNROLL
+  for (int ni = 0; ni < kCols; ++ni) {
+    const float e = exp2f(fmaf(s_rc(mi, ni), kLog2e, -shift));
+    s_rc(mi, ni) = e;
+    row_sum += e;
+  }
+  return alpha;
+}
+
 // Raw scores times the softmax scale, or softcap * tanh(score * scale / softcap) with a softcap
 // (scale_over_cap = scale / softcap).
 template <class TS>
@@ -382,7 +408,6 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(128) char smem[];
 
@@ -583,26 +608,11 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
       next_meta.load(p, next_keys, meta_writer, bias_per_key, mask_per_key, bias_base, mask_base, death_row);
     }
 
-    // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0.
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      float mx = row_max[mi];
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f((row_max[mi] - m_use) * kLog2e);
-      row_max[mi] = mx;
-      row_sum[mi] *= alpha;
+      const float alpha = softmax_row(s_rc, mi, row_max[mi], row_sum[mi]);
       CUTE_UNROLL
       for (int j = 0; j < size<1>(o_rc); ++j) o_rc(mi, j) *= alpha;
-      const float shift = m_use * kLog2e;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const float e = exp2f(fmaf(s_rc(mi, ni), kLog2e, -shift));
-        s_rc(mi, ni) = e;
-        row_sum[mi] += e;
-      }
     }
 
     Tensor rP = convert_fragment<Element>(acc_s);

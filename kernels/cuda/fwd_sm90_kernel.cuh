@@ -278,7 +278,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   constexpr int kStages = Traits::kStages;
   constexpr int kLoadRows = Traits::kLoadRows;
   constexpr int kConsumerThreads = Traits::kConsumerThreads;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -637,28 +636,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       }
     };
 
-    // Online softmax in base 2: p = 2^(s log2e - m log2e). A row whose max is still -inf shifts by 0,
-    // so every exp of it is 0 and alpha is 0 (never inf - inf). O's rescale by alpha waits until O is
-    // not in flight (rescale_o).
+    // The online softmax of a tile (fwd_impl::softmax_row). O's rescale by alpha waits until O is not
+    // in flight (rescale_o).
     auto softmax = [&]() {
       CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        float mx = row_max[mi];
-        CUTE_UNROLL
-        for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s_rc(mi, ni));
-        mx = fwd_impl::quad_max(mx);
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        alpha[mi] = exp2f((row_max[mi] - m_use) * kLog2e);
-        row_max[mi] = mx;
-        row_sum[mi] *= alpha[mi];
-        const float shift = m_use * kLog2e;
-        CUTE_UNROLL
-        for (int ni = 0; ni < kCols; ++ni) {
-          const float e = exp2f(fmaf(s_rc(mi, ni), kLog2e, -shift));
-          s_rc(mi, ni) = e;
-          row_sum[mi] += e;
-        }
-      }
+      for (int mi = 0; mi < kRows; ++mi) alpha[mi] = fwd_impl::softmax_row(s_rc, mi, row_max[mi], row_sum[mi]);
     };
 
     auto rescale_o = [&]() {
