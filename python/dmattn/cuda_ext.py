@@ -96,10 +96,11 @@ def uses_sm90(head_dim: int, per_query: bool = False) -> bool:
 def compact_bytes(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                   idx: torch.Tensor) -> int:
     """Workspace bytes of the sm_90a forward's compact copy for a LIST call (``idx`` (B_s, H_s, W)),
-    0 where the call does not take that kernel on the current device: on an H100/H200 the listed key and value rows are
-    gathered once per call into the kernel's shared-memory tile images (B * H_kv * W * D * 4 bytes
-    plus 8 per entry, one copy per query head if the selection is per query head), which it loads
-    with bulk copies instead of gathering rows in its inner loop (T32k: 8 MiB)."""
+    0 where the call does not take that kernel on the current device: on an H100/H200 the listed
+    key and value rows are gathered once per call into the kernel's shared-memory tile images
+    (B * H_kv * W * D * 4 bytes plus 8 per entry, one copy per query head if the selection is per
+    query head), which it loads with bulk copies instead of gathering rows in its inner loop (T32k:
+    8 MiB)."""
     if not hasattr(_cuda, "fwd_compact_bytes"):
         return 0
     B, _, H, D = q.shape
