@@ -303,6 +303,38 @@ def test_list_split_dkdv(case, waves, monkeypatch):
             assert torch.equal(a, b), f"{name} differs between two runs"
 
 
+# Lists of several key tiles (128 keys each), so that the sm_90a dq kernel reuses its stages (2 at
+# D = 128, 4 at D = 64) and its 128-row items take the longer prefix of their two count blocks, and
+# the sm_90a dk/dv kernel streams many query blocks through its two stages; GQA/MQA with one list per
+# kv head (dk/dv per query head with partials, or per kv head looping over its heads: waves 0), one
+# list per query head (float32 per-head dk/dv), a key mask (keys in a list that no query sees),
+# softcap, and no causality.
+SM90_BWD_CASES = [
+    Case(B=1, Q=1500, K=1500, H=4, H_kv=2, D=128, window=700, scope="global", causal=True),
+    Case(B=2, Q=1100, K=1300, H=4, H_kv=1, D=64, bias="1_hkv_1", window=1000, scope="global", causal=True,
+         softcap=15.0),
+    Case(B=1, Q=300, K=900, H=2, H_kv=2, D=128, bias="1_1_1", window=600, scope="global"),
+    Case(B=2, Q=257, K=700, H=4, H_kv=2, D=64, mask="b_hkv_1", window=650, scope="global", causal=True),
+    Case(B=1, Q=700, K=650, H=4, H_kv=2, D=128, bias="b_h_1", window=400, scope="global", causal=True),
+]
+
+
+@pytest.mark.parametrize("waves", [2, 0], ids=["split", "per-kv-head"])
+@pytest.mark.parametrize("sm90", [True, False], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("case", SM90_BWD_CASES, ids=str)
+def test_list_backward_kernels(case, sm90, waves, monkeypatch):
+    """The LIST backward on both sets of kernels: the sm_90a dq and dk/dv kernels
+    (``cuda_ext.SM90_BACKWARD``; H100/H200, D 64 and 128, reading the forward's compact copy) and the
+    sm_80 ones, each against the reference in float16 and bfloat16."""
+    _need_head_dim(case.D)
+    monkeypatch.setattr(cuda_ext, "SM90_BACKWARD", sm90)
+    monkeypatch.setattr(cuda_ext, "SPLIT_DKDV_WAVES", waves)
+    if sm90 and not cuda_ext.uses_sm90(case.D):
+        pytest.skip("the sm_90a backward needs compute capability 9.0 and a build with sm_90a code")
+    for dtype in DTYPES:
+        _run(case, dtype, path="list")
+
+
 def test_list_softcap():
     _run(Case(B=1, Q=200, K=200, H=2, H_kv=1, D=128, window=64, scope="global", causal=True, softcap=20.0),
          torch.float16, path="list")

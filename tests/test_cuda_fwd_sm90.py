@@ -303,11 +303,13 @@ def test_small_compact_workspace_is_refused(sm90):
                            stream=cuda_ext.current_stream(q.device), workspace=dlpack(small)[0])
 
 
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("path", ["dense", "list"])
-def test_persistent_blocks_take_many_items(path, sm90):
+def test_persistent_blocks_take_many_items(path, D, sm90):
     """The kernel is persistent (at most one block per SM, each walking several work items of 128
     query rows): 2 x 32 heads x 8 query blocks = 512 items for the H100/H200's 132 SMs, so blocks
-    carry key tiles, stage phases and Q buffers from item to item. Q > K with causality leaves the
-    first query blocks without keys (items that take no tile) between items that have some."""
-    case = Case(B=2, Q=1000, K=700, H=32, H_kv=8, D=128, window=300, scope="global", causal=True)
+    carry key tiles, stage phases and Q buffers from item to item (D = 64 has 4 stages, D = 128 two).
+    Q > K with causality leaves the first query blocks without keys (items that take no tile)
+    between items that have some."""
+    case = Case(B=2, Q=1000, K=700, H=32, H_kv=8, D=D, window=300, scope="global", causal=True)
     _check(case, torch.bfloat16, path=path)

@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <stdexcept>
+
 #include "bwd.h"
 #include "check.h"
 #include "switch.h"
@@ -93,14 +95,26 @@ void launch_dkdv_reduce(const BwdParams& p, cudaStream_t stream) {
 void bwd(const BwdParams& params, cudaStream_t stream) {
   const bool want_dq = params.dq != nullptr || params.ds != nullptr;
   const bool want_dkdv = params.dk != nullptr || params.dbias_keys != nullptr;
+  // The binding sets params.compact only for LIST calls that the sm_90a forward would take (head dim
+  // 64 or 128, query-broadcast bias and mask, compute capability 9.0): their dq and dk/dv go to the
+  // sm_90a kernels, which read the same compact copy. A per-query bias (ds) never has one.
+  const bool sm90 = params.compact != nullptr && params.ds == nullptr;
   bwd_switch(params.dtype, params.D, fwd_per_query(params), [&](auto dt, auto hd, auto pq) {
     constexpr DType kDType = decltype(dt)::value;
     constexpr int kHeadDim = decltype(hd)::value;
     constexpr bool kPerQuery = decltype(pq)::value;
     launch_delta(params, stream);
-    if (want_dq) launch_bwd_dq<kDType, kHeadDim, kPerQuery>(params, stream);
-    if (want_dkdv) launch_bwd_dkdv<kDType, kHeadDim, kPerQuery>(params, stream);
+    if (want_dq && !sm90) launch_bwd_dq<kDType, kHeadDim, kPerQuery>(params, stream);
+    if (want_dkdv && !sm90) launch_bwd_dkdv<kDType, kHeadDim, kPerQuery>(params, stream);
   });
+  if (sm90) {
+    const bool compiled = fwd_sm90_head_dim_switch(params.D, [&](auto hd) {
+      dtype_switch(params.dtype, [&](auto dt) {
+        launch_bwd_sm90<decltype(dt)::value, decltype(hd)::value>(params, stream, want_dq, want_dkdv);
+      });
+    });
+    if (!compiled) throw std::invalid_argument("a compact copy was passed for a head dim without the sm_90a backward");
+  }
   if (want_dkdv && params.dkdv_part != nullptr && params.dk != nullptr) launch_dkdv_reduce(params, stream);
 }
 

@@ -25,6 +25,12 @@ template <DType kDType, int kHeadDim, bool kPerQuery>
 void launch_bwd_dq(const BwdParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim, bool kPerQuery>
 void launch_bwd_dkdv(const BwdParams& params, cudaStream_t stream);
+// The sm_90a backward (bwd_sm90_kernel.cuh), for head dims 64 and 128 in builds with sm_90a code:
+// LIST calls with the forward's compact copy (params.compact), which it launches first, then its dq
+// kernel (want_dq) and its dk/dv kernel (want_dkdv). Not the delta preprocess or the dkdv_part
+// reduction (bwd does those).
+template <DType kDType, int kHeadDim>
+void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool want_dq, bool want_dkdv);
 
 }  // namespace cuda
 }  // namespace dmattn

@@ -136,13 +136,12 @@ __device__ __forceinline__ float cap_factor(float capped, float inv_cap) {
 }
 
 // An accumulator (scaled) into rows of a (row, D) global tensor: element (r, c) of the fragment
-// goes to base + row_offset[r-th fragment row] + c, for rows whose offset is not negative. Written
-// once per thread block, so plain stores are enough.
-template <class OutT, class Acc, class Coords>
-__device__ __forceinline__ void store_rows(OutT* base, Acc const& acc, Coords const& coords, float scale,
+// goes to base + row_offset[r-th fragment row] + c, for rows whose offset is not negative. a_rc and
+// c_rc: the accumulator and its identity coordinates viewed as (rows, columns) (the sm_80 and sm_90
+// kernels' rowcol). Written once per thread block, so plain stores are enough.
+template <class OutT, class AccRC, class CoordsRC>
+__device__ __forceinline__ void store_rows(OutT* base, AccRC const& a_rc, CoordsRC const& c_rc, float scale,
                                            const int64_t* row_offset) {
-  Tensor a_rc = make_tensor(acc.data(), rowcol(acc.layout()));
-  Tensor c_rc = make_tensor(coords.data(), rowcol(coords.layout()));
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(a_rc); ++mi) {
     const int64_t off = row_offset[mi];
@@ -386,7 +385,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
       const int row = m0 + get<0>(o_rc(mi, 0));
       row_offset[mi] = row < p.Q ? int64_t(row) * p.dq_stride[1] : -1;
     }
-    store_rows(dq_ptr, acc_dq, tOc, p.scale, row_offset);
+    store_rows(dq_ptr, make_tensor(acc_dq.data(), rowcol(acc_dq.layout())), o_rc, p.scale, row_offset);
   }
 }
 
@@ -666,6 +665,9 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
   // ---------------------------------------------------------------- epilogue: dk = scale dS^T Q, dv
   if (p.dk == nullptr) return;
   Tensor tOc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  Tensor o_rc = make_tensor(tOc.data(), rowcol(tOc.layout()));
+  Tensor dk_rc = make_tensor(acc_dk.data(), rowcol(acc_dk.layout()));
+  Tensor dv_rc = make_tensor(acc_dv.data(), rowcol(acc_dv.layout()));
   int64_t k_rows[kRowsT];
   int64_t v_rows[kRowsT];
   if (p.dkdv_part != nullptr) {  // this query head's partials, by list position (h_out: query head)
@@ -676,8 +678,8 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
       k_rows[mi] = row_key[mi] >= 0 ? ((int64_t(b) * p.H + h_out) * p.list_len + pos) * kHeadDim : -1;
       v_rows[mi] = k_rows[mi] >= 0 ? half + k_rows[mi] : -1;
     }
-    store_rows(p.dkdv_part, acc_dk, tOc, p.scale, k_rows);
-    store_rows(p.dkdv_part, acc_dv, tOc, 1.f, v_rows);
+    store_rows(p.dkdv_part, dk_rc, o_rc, p.scale, k_rows);
+    store_rows(p.dkdv_part, dv_rc, o_rc, 1.f, v_rows);
     return;
   }
   CUTE_UNROLL
@@ -687,11 +689,11 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     v_rows[mi] = key >= 0 ? b * p.dv_stride[0] + key * p.dv_stride[1] + h_out * p.dv_stride[2] : -1;
   }
   if (p.dkdv_f32) {
-    store_rows(static_cast<float*>(p.dk), acc_dk, tOc, p.scale, k_rows);
-    store_rows(static_cast<float*>(p.dv), acc_dv, tOc, 1.f, v_rows);
+    store_rows(static_cast<float*>(p.dk), dk_rc, o_rc, p.scale, k_rows);
+    store_rows(static_cast<float*>(p.dv), dv_rc, o_rc, 1.f, v_rows);
   } else {
-    store_rows(static_cast<Element*>(p.dk), acc_dk, tOc, p.scale, k_rows);
-    store_rows(static_cast<Element*>(p.dv), acc_dv, tOc, 1.f, v_rows);
+    store_rows(static_cast<Element*>(p.dk), dk_rc, o_rc, p.scale, k_rows);
+    store_rows(static_cast<Element*>(p.dv), dv_rc, o_rc, 1.f, v_rows);
   }
 }
 

@@ -267,6 +267,34 @@ __device__ __forceinline__ void convert_into(Src const& src, Dst& dst) {
       convert(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
 }
 
+// Rows m0 .. m0 + block_m - 1 of a (rows, D) global tensor (contiguous rows of row_stride
+// elements) into a shared-memory tile sX (block_m, D), with cp.async by the consumer warpgroups'
+// threads (`thread`: 0 .. kConsumerThreads - 1); rows at or past n_rows are zero-filled. The caller
+// fences and waits.
+template <class Traits, class TS>
+__device__ __forceinline__ void load_block_rows(const typename Traits::Element* ptr, int64_t row_stride, int m0,
+                                                int n_rows, TS&& sX, int thread) {
+  typename Traits::GmemCopyQ gmem_copy;
+  auto thr = gmem_copy.get_thread_slice(thread);
+  Tensor gX = make_tensor(make_gmem_ptr(ptr + int64_t(m0) * row_stride),
+                          Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}, make_stride(row_stride, _1{}));
+  Tensor tXgX = thr.partition_S(gX);
+  Tensor tXsX = thr.partition_D(sX);
+  Tensor tXcX = thr.partition_S(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tXsX); ++m) {
+    const bool row_ok = m0 + get<0>(tXcX(0, m, 0)) < n_rows;
+    CUTE_UNROLL
+    for (int kk = 0; kk < size<2>(tXsX); ++kk) {
+      if (row_ok) {
+        copy(gmem_copy, tXgX(_, m, kk), tXsX(_, m, kk));
+      } else {
+        clear(tXsX(_, m, kk));
+      }
+    }
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
@@ -495,32 +523,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   const int my_turn = kBarTurn0 + wg;
   const int other_turn = kBarTurn0 + (wg ^ 1);
 
-  // Q of item i into buffer qb: each consumer copies its share with cp.async (rows past Q are
-  // zeros). Two buffers: the next item's Q loads while the current item runs; its buffer is free
-  // once both consumer warpgroups are past the previous item's epilogue, which staged O in it.
+  // Q of item i into buffer qb (rows past Q are zeros). Two buffers: the next item's Q loads while
+  // the current item runs; its buffer is free once both consumer warpgroups are past the previous
+  // item's epilogue, which staged O in it.
   auto load_q = [&](int i, int qb) {
     const Item item = item_at(i);
-    const int m0 = item.m_block * kBlockM;
     const Element* q_ptr = static_cast<const Element*>(p.q) + item.b * p.q_stride[0] + item.h * p.q_stride[2];
-    typename Traits::GmemCopyQ gmem_copy_q;
-    auto qthr = gmem_copy_q.get_thread_slice(ctidx);
-    Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(m0) * p.q_stride[1]),
-                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[1], _1{}));
-    Tensor tQgQ = qthr.partition_S(gQ);
-    Tensor tQsQ = qthr.partition_D(sQ(_, _, qb));
-    Tensor tQcQ = qthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(tQsQ); ++m) {
-      const bool row_ok = m0 + get<0>(tQcQ(0, m, 0)) < p.Q;
-      CUTE_UNROLL
-      for (int kk = 0; kk < size<2>(tQsQ); ++kk) {
-        if (row_ok) {
-          copy(gmem_copy_q, tQgQ(_, m, kk), tQsQ(_, m, kk));
-        } else {
-          clear(tQsQ(_, m, kk));
-        }
-      }
-    }
+    load_block_rows<Traits>(q_ptr, p.q_stride[1], item.m_block * kBlockM, p.Q, sQ(_, _, qb), ctidx);
   };
 
   if (int(blockIdx.x) < n_items) load_q(blockIdx.x, 0);
@@ -812,6 +821,21 @@ __global__ void __launch_bounds__(Traits::kProducerThreads) dma_fwd_sm90_compact
 #endif
 }
 
+// The compact LIST copy of a call (FwdParams::compact), when it has one: launched on `stream`
+// before the kernel that reads it (the forward, or the sm_90a dq kernel).
+template <class Traits>
+void launch_compact(const FwdParams& params, cudaStream_t stream) {
+  if (params.compact == nullptr) return;
+  auto gather = &dma_fwd_sm90_compact_kernel<Traits>;
+  constexpr int gather_smem = 2 * Traits::kTileBytes + 1024;
+  check_cuda(cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, gather_smem),
+             "cudaFuncSetAttribute(dma_fwd_sm90_compact_kernel, MaxDynamicSharedMemorySize)");
+  const dim3 tiles(unsigned((params.list_len + Traits::kBlockN - 1) / Traits::kBlockN),
+                   unsigned(params.compact_heads), unsigned(params.B));
+  gather<<<tiles, Traits::kProducerThreads, gather_smem, stream>>>(params);
+  check_cuda(cudaGetLastError(), "dma_fwd_sm90_compact_kernel launch");
+}
+
 }  // namespace fwd_sm90_impl
 
 template <DType kDType, int kHeadDim>
@@ -821,16 +845,7 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(dma_fwd_sm90_kernel, MaxDynamicSharedMemorySize)");
-  if (params.compact != nullptr) {
-    auto gather = &fwd_sm90_impl::dma_fwd_sm90_compact_kernel<Traits>;
-    constexpr int gather_smem = 2 * Traits::kTileBytes + 1024;
-    check_cuda(cudaFuncSetAttribute(gather, cudaFuncAttributeMaxDynamicSharedMemorySize, gather_smem),
-               "cudaFuncSetAttribute(dma_fwd_sm90_compact_kernel, MaxDynamicSharedMemorySize)");
-    const dim3 tiles(unsigned((params.list_len + Traits::kBlockN - 1) / Traits::kBlockN),
-                     unsigned(params.compact_heads), unsigned(params.B));
-    gather<<<tiles, Traits::kProducerThreads, gather_smem, stream>>>(params);
-    check_cuda(cudaGetLastError(), "dma_fwd_sm90_compact_kernel launch");
-  }
+  fwd_sm90_impl::launch_compact<Traits>(params, stream);
   // Persistent: one block per SM at most (the kernel walks the work items itself).
   const int64_t items = (params.Q + Traits::kBlockM - 1) / Traits::kBlockM * int64_t(params.B) * params.H;
   if (items >= (int64_t(1) << 31)) throw std::invalid_argument("the sm_90a forward takes fewer than 2^31 query blocks");

@@ -372,6 +372,26 @@ void check_device(int device, const char* what) {
                                 " needs compute capability >= 8.0 (mma.sync bf16, cp.async)");
 }
 
+// The sm_90a kernels' compact LIST copy (FwdParams::compact) in `workspace`, where the call takes
+// those kernels (fwd_compact_bytes > 0: a LIST call, no PREFIX, compute capability 9.0, ...); else
+// the workspace is ignored.
+void attach_compact(FwdParams& p, const AnyCuda& workspace, int device) {
+  if (p.idx == nullptr || p.death != nullptr) return;
+  const int bias_heads = p.bias != nullptr ? p.bias_heads : 1, mask_heads = p.mask != nullptr ? p.mask_heads : 1;
+  const int64_t need = dmattn::cuda::fwd_compact_bytes(p.D, p.B, p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads,
+                                                       p.list_len, dmattn::cuda::fwd_per_query(p));
+  if (need <= 0) return;
+  if (workspace.dtype() != nb::dtype<float>() || workspace.ndim() != 1 || !is_contiguous(workspace))
+    throw nb::type_error("workspace must be a contiguous 1-D float32 tensor");
+  if (workspace.device_id() != device) throw std::invalid_argument("workspace must be on query's CUDA device");
+  if (int64_t(workspace.shape(0)) * 4 < need || reinterpret_cast<uintptr_t>(workspace.data()) % 16 != 0)
+    throw std::invalid_argument("workspace must hold at least " + std::to_string(need) +
+                                " bytes (fwd_compact_bytes) from a 16-byte aligned address, got " +
+                                std::to_string(int64_t(workspace.shape(0)) * 4));
+  p.compact = workspace.data();
+  p.compact_heads = dmattn::cuda::fwd_compact_heads(p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads);
+}
+
 // Returns the splits the split forward ran with (0: the one-block-per-query-block kernels).
 int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optional<AnyCuda> mask, AnyCuda out,
         AnyCuda lse, std::optional<AnyCuda> idx, std::optional<AnyCuda> counts, double scale, double softcap,
@@ -399,23 +419,8 @@ int fwd(AnyCuda q, AnyCuda k, AnyCuda v, std::optional<AnyCuda> bias, std::optio
                                   std::to_string(workspace->shape(0)));
     p.splits = splits;
     p.split_workspace = static_cast<float*>(workspace->data());
-  } else if (workspace && p.idx != nullptr && p.death == nullptr) {
-    // The sm_90a kernel's compact LIST copy, where this call takes that kernel (else ignored).
-    const int bias_heads = p.bias != nullptr ? p.bias_heads : 1, mask_heads = p.mask != nullptr ? p.mask_heads : 1;
-    const int64_t need = dmattn::cuda::fwd_compact_bytes(p.D, p.B, p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads,
-                                                         p.list_len, dmattn::cuda::fwd_per_query(p));
-    if (need > 0) {
-      if (workspace->dtype() != nb::dtype<float>() || workspace->ndim() != 1 || !is_contiguous(*workspace))
-        throw nb::type_error("workspace must be a contiguous 1-D float32 tensor");
-      if (workspace->device_id() != q.device_id())
-        throw std::invalid_argument("workspace must be on query's CUDA device");
-      if (int64_t(workspace->shape(0)) * 4 < need || reinterpret_cast<uintptr_t>(workspace->data()) % 16 != 0)
-        throw std::invalid_argument("workspace must hold at least " + std::to_string(need) +
-                                    " bytes (fwd_compact_bytes) from a 16-byte aligned address, got " +
-                                    std::to_string(int64_t(workspace->shape(0)) * 4));
-      p.compact = workspace->data();
-      p.compact_heads = dmattn::cuda::fwd_compact_heads(p.H, p.H_kv, p.sel_heads, bias_heads, mask_heads);
-    }
+  } else if (workspace) {
+    attach_compact(p, *workspace, q.device_id());
   }
   if (p.B == 0 || p.Q == 0 || p.H == 0) return 0;
   check_device(q.device_id(), "forward");
@@ -446,7 +451,7 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
          std::optional<AnyCuda> dq, std::optional<AnyCuda> dk, std::optional<AnyCuda> dv,
          std::optional<AnyCuda> dbias_keys, std::optional<AnyCuda> ds, double scale, double softcap, bool causal,
          uintptr_t stream, std::optional<AnyCuda> death, std::optional<AnyCuda> dkdv_keys,
-         std::optional<AnyCuda> dkdv_count, std::optional<AnyCuda> dkdv_part) {
+         std::optional<AnyCuda> dkdv_count, std::optional<AnyCuda> dkdv_part, std::optional<AnyCuda> workspace) {
   BwdParams p;
   fill_common(p, q, k, v, bias, mask, out, lse, idx, counts, scale, softcap, causal, &dmattn::cuda::bwd_dq_block_m,
               death);
@@ -519,6 +524,9 @@ void bwd(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda out, AnyCuda lse, AnyCuda dout
     expect_f32_contiguous(*ds, "ds", {B, H, Q, K}, device);
     p.ds = static_cast<float*>(ds->data());
   }
+
+  // The compact copy for the sm_90a backward (bwd.cu); a per-query bias (ds) has none.
+  if (workspace && p.ds == nullptr) attach_compact(p, *workspace, device);
 
   if (B == 0 || Q == 0 || H == 0) return;
   check_device(device, "backward");
@@ -800,6 +808,7 @@ NB_MODULE(_cuda, m) {
         nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("stream"),
         nb::arg("death").none() = nb::none(), nb::arg("dkdv_keys").none() = nb::none(),
         nb::arg("dkdv_count").none() = nb::none(), nb::arg("dkdv_part").noconvert().none() = nb::none(),
+        nb::arg("workspace").noconvert().none() = nb::none(),
         "Attention backward (see dmattn.cuda_ext.backward). Inputs as fwd plus out, lse and dout (B, Q, H, D);\n"
         "counts (LIST) per block of bwd_dq_block_m(D) query rows. PREFIX: death with idx/counts of blocks of\n"
         "bwd_dq_block_m(D) rows, and the dk/dv kernel's keys: the first dkdv_count (B_s, H_s) int32 entries of\n"
@@ -808,14 +817,17 @@ NB_MODULE(_cuda, m) {
         "in q's dtype, or float32 (B, K, H, D) per-head partials when idx has more heads than H_kv; dbias_keys\n"
         "float32 (B, H, K) (query-broadcast bias) or ds float32 (B, H, Q, K) (per-query bias), zero-filled.\n"
         "dkdv_part: LIST with idx of at most H_kv heads and H > H_kv, float32 (2, B, H, list_len, D) (no zeroing):\n"
-        "one dk/dv thread block per query head, whose partials are summed per kv head in head order. Deterministic.");
+        "one dk/dv thread block per query head, whose partials are summed per kv head in head order.\n"
+        "workspace: as fwd's on the LIST path (fwd_compact_bytes bytes, float32; ignored where that is 0): the\n"
+        "compact copy the sm_90a dq and dk/dv kernels read. Deterministic.");
   m.def("bwd_dkdv_block_n", &dmattn::cuda::bwd_dkdv_block_n, nb::arg("head_dim"),
         "Keys per thread block of the CUDA dk/dv kernel for a head dim (the tile of the PREFIX key order).");
   m.def("bwd_dq_block_m", &dmattn::cuda::bwd_dq_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA dq kernel for a head dim (the block size of the backward's LIST counts).");
   m.def("set_fwd_sm90_enabled", &dmattn::cuda::set_fwd_sm90_enabled, nb::arg("enabled"),
         "Lets the forward use its sm_90a (wgmma) kernel where it applies (True) or sends every call to the sm_80\n"
-        "kernel (False, the default until the sm_90a kernel has run on a GPU), for A/B measurements. Process-wide.");
+        "kernel (False), for A/B measurements; True by default. Process-wide. The sm_90a backward follows it (it\n"
+        "runs where the forward's compact copy applies).");
   m.def("fwd_sm90_enabled", &dmattn::cuda::fwd_sm90_enabled, "Whether set_fwd_sm90_enabled left the sm_90a forward on.");
   m.def("fwd_uses_sm90", &dmattn::cuda::fwd_uses_sm90, nb::arg("head_dim"), nb::arg("per_query") = false,
         "Whether a forward call with this head dim (and a per-query bias/mask or not) runs the sm_90a kernel on the\n"

@@ -158,3 +158,10 @@ void bwd_switch(DType dtype, int head_dim, bool per_query, F&& f) {
   DMATTN_INSTANTIATE_BWD_ONE(f16, HEAD_DIM, true)   \
   DMATTN_INSTANTIATE_BWD_ONE(bf16, HEAD_DIM, false) \
   DMATTN_INSTANTIATE_BWD_ONE(bf16, HEAD_DIM, true)
+
+// The sm_90a backward (generated only for head dims 64 and 128, like the sm_90a forward).
+#define DMATTN_INSTANTIATE_BWD_SM90(HEAD_DIM)                                                                   \
+  template void dmattn::cuda::launch_bwd_sm90<dmattn::DType::f16, HEAD_DIM>(const dmattn::cuda::BwdParams&,  \
+                                                                            cudaStream_t, bool, bool);        \
+  template void dmattn::cuda::launch_bwd_sm90<dmattn::DType::bf16, HEAD_DIM>(const dmattn::cuda::BwdParams&, \
+                                                                             cudaStream_t, bool, bool);

@@ -150,5 +150,24 @@ constexpr BwdTile bwd_tile(int head_dim) {
   return head_dim <= 64 ? BwdTile{64, 64, 64, 64, 4} : BwdTile{64, 32, 64, 32, 4};
 }
 
+struct BwdSm90Tile {
+  int dkdv_block_n;  // keys per dk/dv thread block (64 per consumer warpgroup): one compact tile image
+  int dkdv_block_m;  // query rows per step of the dk/dv loop
+  int dkdv_stages;   // shared-memory stages of Q, dO, lse and delta
+};
+
+// The sm_90a backward (bwd_sm90_kernel.cuh), head dims 64 and 128. Its dq kernel takes the forward's
+// tiles (fwd_sm90_tile: 128 query rows, key tiles of 128 from the compact copy). The dk/dv kernel:
+// - dkdv_block_n = 128 = the compact copy's tile, so a thread block's K and V are one image each
+//   (two bulk copies), and two consumer warpgroups of 64 keys share every streamed Q/dO tile.
+// - dkdv_block_m = 64 (FlashAttention-3's D = 128 backward tile): each consumer thread holds dK and
+//   dV (D floats together), S^T and dP^T (32 floats each at 64 query rows) and then P^T and dS^T
+//   (16 registers each): about 200 of the 240 registers setmaxnreg gives it.
+// - 2 stages: K, V (2 x 32 KiB at D = 128) + 2 x (Q + dO) (64 KiB) = 128 KiB.
+constexpr BwdSm90Tile bwd_sm90_tile(int head_dim) {
+  (void)head_dim;
+  return BwdSm90Tile{128, 64, 2};
+}
+
 }  // namespace cuda
 }  // namespace dmattn

@@ -414,6 +414,12 @@ def split_dkdv(B: int, H: int, H_kv: int, list_len: int, D: int, device: int) ->
     return blocks < SPLIT_DKDV_WAVES * 2 * _sm_count(device)
 
 
+# LIST backward calls whose forward runs the sm_90a kernel (H100/H200, head dim 64 or 128,
+# query-broadcast bias and mask) run the sm_90a dq and dk/dv kernels (kernels/cuda/bwd_sm90_kernel.cuh)
+# unless this is False: process-wide, for A/B measurements against the sm_80 kernels.
+SM90_BACKWARD = True
+
+
 def bwd_dq_block_m(head_dim: int) -> int:
     """Query rows per thread block of the CUDA dq kernel: the block size of the backward's LIST counts."""
     return _cuda.bwd_dq_block_m(head_dim)
@@ -442,7 +448,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     LIST path with one list per query head (idx with more heads than H_kv), float32 (B, K, H, D)
     dk/dv partials summed over each group here; on the LIST path with one list per kv head (or
     fewer) and a grid too small for the GPU (``split_dkdv``), float32 (2, B, H, W, D) dk/dv partials
-    by list position, summed per kv head by the module.
+    by list position, summed per kv head by the module; where the sm_90a kernels run
+    (``SM90_BACKWARD``), the forward's compact copy (``compact_bytes``).
     """
     from .reference import reduce_to
 
@@ -497,6 +504,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             prefix = dict(zip(("death", "dkdv_keys", "dkdv_count"), dlpack(death, dkdv_keys, dkdv_count)))
         if part is not None:
             prefix["dkdv_part"] = dlpack(part)[0]
+        if listed and death is None and ds is None and SM90_BACKWARD:
+            # The sm_90a backward reads the forward's compact copy, rebuilt here (0 bytes where it
+            # does not run: asked on q's device, as the forward does).
+            nbytes = compact_bytes(q, k, bias, mask, idx)
+            if nbytes:
+                workspace = new_output((-(-nbytes // 4),), torch.float32, dev)
+                prefix["workspace"] = dlpack(workspace)[0]
         _cuda.bwd(*dlpack(q, k, v, out, lse, dout, bias, mask, idx, counts, delta, dq, dk_buf, dv_buf, db_keys,
                           ds),
                   scale=float(D ** -0.5 if scale is None else scale), softcap=float(softcap or 0.0),
