@@ -15,38 +15,63 @@ namespace dmattn {
 namespace cuda {
 namespace {
 
-constexpr int kDeltaWarps = 8;
+constexpr int kDeltaThreads = 256;
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
 __device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
 __device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
 
-// delta[b, h, q] = sum_d dout[b, q, h, d] * out[b, q, h, d] in float32: one warp per row. Rows with
-// no visible key have out = 0 and get delta = 0.
-template <class T>
-__global__ void __launch_bounds__(kDeltaWarps * 32) dma_bwd_delta_kernel(const BwdParams p) {
-  const int64_t row = int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;  // (b, q, h) row-major
-  const int lane = threadIdx.x % 32;
-  if (row >= int64_t(p.B) * p.Q * p.H) return;
-  const int h = int(row % p.H);
-  const int q = int(row / p.H % p.Q);
-  const int b = int(row / (int64_t(p.H) * p.Q));
-  const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + q * p.out_stride[1] + h * p.out_stride[2];
-  const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + q * p.dout_stride[1] + h * p.dout_stride[2];
+// delta[b, h, q] = sum_d dout[b, q, h, d] * out[b, q, h, d] in float32. Each row is read as 16-byte
+// vectors by `lanes` threads of a warp (a power of two >= D / 8, so a warp covers 32 / lanes rows),
+// which sum with shuffles: one 2-byte load per lane and element, as before, left the kernel at
+// 0.29 ms for the 2 x 268 MB of T32k (H200). Rows with no visible key have out = 0 and get delta = 0.
+template <class T2>
+__global__ void __launch_bounds__(kDeltaThreads) dma_bwd_delta_kernel(const BwdParams p, int lanes) {
+  const int64_t rows = int64_t(p.B) * p.Q * p.H;
+  const int64_t row = (int64_t(blockIdx.x) * kDeltaThreads + threadIdx.x) / lanes;  // (b, q, h) row-major
+  const int sub = int(threadIdx.x) % lanes;
   float acc = 0.f;
-  for (int i = lane; i < p.D; i += 32) acc += to_float(o[i]) * to_float(d[i]);
-  for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) p.delta[(int64_t(b) * p.H + h) * p.Q + q] = acc;
+  if (row < rows) {
+    const int h = int(row % p.H);
+    const int q = int(row / p.H % p.Q);
+    const int b = int(row / (int64_t(p.H) * p.Q));
+    const T2* o = reinterpret_cast<const T2*>(static_cast<const char*>(p.out) +
+                                              2 * (b * p.out_stride[0] + q * p.out_stride[1] + h * p.out_stride[2]));
+    const T2* d = reinterpret_cast<const T2*>(static_cast<const char*>(p.dout) +
+                                              2 * (b * p.dout_stride[0] + q * p.dout_stride[1] + h * p.dout_stride[2]));
+    for (int c = sub; c < p.D / 8; c += lanes) {  // rows are 16-byte aligned, D a multiple of 8
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + 4 * c);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d + 4 * c);
+      const T2* o2 = reinterpret_cast<const T2*>(&ov);
+      const T2* d2 = reinterpret_cast<const T2*>(&dv);
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 x = to_float2(o2[i]), y = to_float2(d2[i]);
+        acc = fmaf(x.x, y.x, fmaf(x.y, y.y, acc));
+      }
+    }
+  }
+  for (int s = lanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (row < rows && sub == 0) {
+    const int h = int(row % p.H);
+    const int q = int(row / p.H % p.Q);
+    const int b = int(row / (int64_t(p.H) * p.Q));
+    p.delta[(int64_t(b) * p.H + h) * p.Q + q] = acc;
+  }
 }
 
 void launch_delta(const BwdParams& p, cudaStream_t stream) {
+  if (p.D % 8 != 0) throw std::invalid_argument("the delta preprocess takes head dims that are multiples of 8");
+  int lanes = 1;
+  while (lanes < p.D / 8 && lanes < 32) lanes *= 2;
   const int64_t rows = int64_t(p.B) * p.Q * p.H;
-  const unsigned blocks = unsigned((rows + kDeltaWarps - 1) / kDeltaWarps);
+  const int64_t rows_per_block = kDeltaThreads / lanes;
+  const unsigned blocks = unsigned((rows + rows_per_block - 1) / rows_per_block);
   if (p.dtype == DType::f16) {
-    dma_bwd_delta_kernel<__half><<<blocks, kDeltaWarps * 32, 0, stream>>>(p);
+    dma_bwd_delta_kernel<__half2><<<blocks, kDeltaThreads, 0, stream>>>(p, lanes);
   } else {
-    dma_bwd_delta_kernel<__nv_bfloat16><<<blocks, kDeltaWarps * 32, 0, stream>>>(p);
+    dma_bwd_delta_kernel<__nv_bfloat162><<<blocks, kDeltaThreads, 0, stream>>>(p, lanes);
   }
   check_cuda(cudaGetLastError(), "dma_bwd_delta_kernel launch");
 }

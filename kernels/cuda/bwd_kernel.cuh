@@ -37,6 +37,7 @@ namespace bwd_impl {
 using namespace cute;
 using fwd_impl::acc_as_a;
 using fwd_impl::convert_fragment;
+using fwd_impl::fast_exp2;
 using fwd_impl::gemm_reg_smem;
 using fwd_impl::gemm_smem;
 using fwd_impl::load_float;
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
             visible = __ldg(p.mask + mask_base + row * p.mask_stride[2] + key * p.mask_stride[3]) != 0;
           }
         }
-        const float prob = visible ? exp2f(fmaf(s, kLog2e, -row_lse[mi])) : 0.f;
+        const float prob = visible ? fast_exp2(fmaf(s, kLog2e, -row_lse[mi])) : 0.f;
         const float ds = prob * (dp_rc(mi, ni) - row_delta[mi]);
         if (write_ds && visible) ds_row[int64_t(row) * p.K + key] = ds;
         dp_rc(mi, ni) = softcap ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;
@@ -634,7 +635,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
             visible = __ldg(p.mask + mask_base + query * p.mask_stride[2] + key * p.mask_stride[3]) != 0;
           }
         }
-        const float prob = visible ? exp2f(fmaf(s, kLog2e, -lse)) : 0.f;
+        const float prob = visible ? fast_exp2(fmaf(s, kLog2e, -lse)) : 0.f;
         const float ds = prob * (dp_rc(mi, ni) - delta);
         row_db[mi] += ds;
         dp_rc(mi, ni) = softcap ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;

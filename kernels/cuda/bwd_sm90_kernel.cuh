@@ -5,11 +5,19 @@
 // deterministically (no atomics), and are built like the sm_90a forward (fwd_sm90_kernel.cuh): a
 // producer warpgroup that loads, two consumer warpgroups that compute, mbarriers between them.
 //
-// Measured (H200, bf16, T32k global: H 32, H_kv 8, D 128, w 2048, causal; kernels per fwd+bwd call,
-// torch.profiler, 2026-11-29): dq 5.8 -> 2.67 ms and dk/dv 6.71 -> 3.80 ms against the sm_80
-// kernels; T32k fwd+bwd 15.4 -> 9.37 ms, T8k 3.6 -> 2.8 ms (tests/test_cuda_bwd.py passes on both
-// sets of kernels; compute-sanitizer memcheck, racecheck and synccheck clean on five small LIST
-// shapes: D 64 and 128, split and per-kv-head dk/dv, per-head lists, a key mask, softcap).
+// Measured (H200, bf16, T32k global: H 32, H_kv 8, D 128, w 2048, causal; kernel times per fwd+bwd
+// call from torch.profiler, 2026-11-29; benchmarks/results/cuda-bwd-sm90-h200-2026-11-29.log):
+// - first version against the sm_80 kernels: dq 5.8 -> 2.67 ms, dk/dv 6.71 -> 3.80 ms; T32k
+//   fwd+bwd 15.4 -> 9.37 ms, T8k 3.6 -> 2.8 ms;
+// - then the element-wise steps below (one MUFU.EX2 per score, the scale folded into its FMA,
+//   missing keys and empty rows as -inf terms instead of tests, the causal test skipped where a
+//   whole dk/dv step is visible): dq 2.67 -> 2.22, dk/dv 3.80 -> 2.42 ms, T32k fwd+bwd 7.1 ms;
+// - FlashAttention-3's ping-pong (the consumer warpgroups taking turns to issue S and dP through
+//   named barriers, as the forward does) lost in both kernels: dq 2.22 -> 2.52, dk/dv 2.42 -> 2.49;
+//   three dk/dv stages instead of two lost too (2.42 -> 2.60). Neither is built.
+// tests/test_cuda_bwd.py passes on both sets of kernels; compute-sanitizer memcheck, racecheck and
+// synccheck are clean on five small LIST shapes (D 64 and 128, split and per-kv-head dk/dv,
+// per-head lists, a key mask, softcap).
 //
 // The dq kernel:
 // - one thread block per work item of 128 query rows of one (batch, head), items heaviest first;
@@ -28,10 +36,10 @@
 // kernel's block): an item of 128 rows walks the longer prefix of its two halves (counts never
 // decrease along the query blocks), and the per-element visibility test drops the rest.
 // Registers: each consumer thread holds dQ (D / 2 floats), S and dP (64 floats each at
-// block_n = 128) at once, then dS as 32 16-bit pairs (the forward's 40 / 232 budgets; ptxas: 20
-// bytes of spills at D = 128); the tile loop does not overlap one tile's
-// dQ += dS K with the next tile's S and dP (that would keep 32 more registers live), so the two
-// consumer warpgroups' GEMMs interleave on the tensor cores instead.
+// block_n = 128) at once, then dS as 32 16-bit pairs (the forward's 40 / 232 budgets; ptxas: no
+// spills); the tile loop does not overlap one tile's dQ += dS K with the next tile's S and dP (that
+// would keep 32 more registers live), so the two consumer warpgroups' GEMMs interleave on the
+// tensor cores instead.
 //
 // The dk/dv kernel: see its own comment below.
 #pragma once
@@ -54,7 +62,95 @@ using fwd_sm90_impl::kBarConsumers;
 using fwd_sm90_impl::named_sync;
 using fwd_sm90_impl::rowcol;
 using bwd_impl::cap_factor;
+using fwd_impl::fast_exp2;
 using fwd_impl::quad_sum;
+
+// One score of the backward: from the S accumulator value `acc` (before scale), its bias minus the
+// row's lse in base 2 (`shift2`: -inf for a key that is missing or masked, or a row without keys),
+// P = 2^(s log2e + shift2) with s the scaled (or softcapped) score, and the factor dS is multiplied
+// by: 1, or the softcap's 1 - tanh^2 (kCap).
+template <bool kCap>
+__device__ __forceinline__ void dS_elements(float acc, float shift2, float scale_log2e, float softcap,
+                                            float scale_over_cap, float inv_cap, float* prob, float* factor) {
+  if constexpr (kCap) {
+    const float s = softcap * tanhf(acc * scale_over_cap);
+    *prob = fast_exp2(fmaf(s, 1.4426950408889634f, shift2));
+    *factor = cap_factor(s, inv_cap);
+  } else {
+    *prob = fast_exp2(fmaf(acc, scale_log2e, shift2));
+    *factor = 1.f;
+  }
+}
+
+// The dq kernel's element-wise step over a tile: dS (times the softcap factor) into dp_rc, from S in
+// s_rc, per column (key) its bias in base 2 (-inf for a missing or masked key and for columns at or
+// past tile_keys) and per row its lse (base 2) and delta; kCausal: also zero P where the key is past
+// the row's last_key. Columns go in chunks of 8 whose sKey/sBias reads stay below the previous chunk
+// (as in the forward: hoisting all of them costs registers the consumers do not have). A function,
+// not a lambda, so that its four instantiations are inlined and the row arrays stay in registers.
+template <bool kCap, bool kCausal, class TS, class TC, int kRows>
+__device__ __forceinline__ void dq_elements(TS& s_rc, TS& dp_rc, TC const& c_rc, const int* stage_key,
+                                            const float* stage_bias, int tile_keys, const float (&row_lse)[kRows],
+                                            const float (&row_delta)[kRows], const int (&last_key)[kRows],
+                                            float scale_log2e, float softcap, float scale_over_cap, float inv_cap) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kCols = decltype(size<1>(c_rc))::value;
+  constexpr int kChunk = 8;
+  static_assert(kCols % kChunk == 0, "whole chunks of columns");
+  CUTE_UNROLL
+  for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+    CUTE_UNROLL
+    for (int ni = n0; ni < n0 + kChunk; ++ni) {
+      const int c = get<1>(c_rc(0, ni));
+      const int key = c < tile_keys ? stage_key[c] : -1;
+      const float bias2 = key >= 0 ? stage_bias[c] * kLog2e : -INFINITY;
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        float prob, factor;
+        dS_elements<kCap>(s_rc(mi, ni), bias2 - row_lse[mi], scale_log2e, softcap, scale_over_cap, inv_cap, &prob,
+                          &factor);
+        if constexpr (kCausal) prob = key <= last_key[mi] ? prob : 0.f;
+        dp_rc(mi, ni) = prob * (dp_rc(mi, ni) - row_delta[mi]) * factor;
+      }
+    }
+    asm volatile("" ::: "memory");
+  }
+}
+
+// The dk/dv kernel's element-wise step over a step's scores: P^T into s_rc and dS^T (times the
+// softcap factor) into dp_rc, per row (key) its bias in base 2 (-inf for no key) and per column
+// (query) lse (base 2) and delta from shared memory; row_db accumulates dS^T per key; kCausal: also
+// zero P where the key is past the query's reach (first_reach + column).
+template <bool kCap, bool kCausal, class TS, class TC, int kRows>
+__device__ __forceinline__ void dkdv_elements(TS& s_rc, TS& dp_rc, TC const& c_rc, const float* stage_lse,
+                                              const float* stage_delta, int first_reach, const int (&vis_key)[kRows],
+                                              const float (&row_bias2)[kRows], float (&row_db)[kRows],
+                                              float scale_log2e, float softcap, float scale_over_cap, float inv_cap) {
+  constexpr int kCols = decltype(size<1>(c_rc))::value;
+  constexpr int kChunk = 8;
+  static_assert(kCols % kChunk == 0, "whole chunks of columns");
+  CUTE_UNROLL
+  for (int n0 = 0; n0 < kCols; n0 += kChunk) {
+    CUTE_UNROLL
+    for (int ni = n0; ni < n0 + kChunk; ++ni) {
+      const int c = get<1>(c_rc(0, ni));
+      const float lse = stage_lse[c];
+      const float delta = stage_delta[c];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        float prob, factor;
+        dS_elements<kCap>(s_rc(mi, ni), row_bias2[mi] - lse, scale_log2e, softcap, scale_over_cap, inv_cap, &prob,
+                          &factor);
+        if constexpr (kCausal) prob = vis_key[mi] <= first_reach + c ? prob : 0.f;
+        const float ds = prob * (dp_rc(mi, ni) - delta);
+        row_db[mi] += ds;
+        dp_rc(mi, ni) = ds * factor;
+        s_rc(mi, ni) = prob;
+      }
+    }
+    asm volatile("" ::: "memory");
+  }
+}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(const BwdParams p) {
@@ -178,7 +274,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor c_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
   constexpr int kRows = decltype(size<0>(c_rc))::value;
-  constexpr int kCols = decltype(size<1>(c_rc))::value;
 
   // lse in base 2 (+inf for rows without keys and rows past Q: P = 0 there) and delta per row.
   const int off = p.K - p.Q;
@@ -204,6 +299,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
   const float softcap = p.softcap;
   const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
   const float inv_cap = softcap > 0.f ? 1.f / softcap : 0.f;
+  const float scale_log2e = p.scale * kLog2e;
 
   Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_dq);
@@ -230,32 +326,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
     gemm_done(acc_dp);
     Barrier::arrive(empty_v + stage);
 
-    // dS overwrites dP: P (dP - delta), times the softcap factor. Columns at or past the item's
-    // limit hold the list's next entries (the compact copy's), which the column test drops; columns
-    // go in chunks of 8 whose sKey/sBias reads stay below the previous chunk (as in the forward).
-    fwd_impl::scale_scores(acc_s, scale, softcap, scale_over_cap);
+    // dS overwrites dP: P (dP - delta), times the softcap factor (dS_elements says how). Columns at
+    // or past the item's limit hold the list's next entries (the compact copy's): their bias term is
+    // -inf, like a missing or masked key's. The causal test runs on every tile: skipping it on
+    // interior tiles (a third variant of the loop) made ptxas spill ~1 KB per thread.
     const int tile_keys = limit - t * kBlockN;
     const int* stage_key = sKey + stage * kBlockN;
     const float* stage_bias = sBias + stage * kBlockN;
-    constexpr int kChunk = 8;
-    static_assert(kCols % kChunk == 0, "whole chunks of columns");
-    CUTE_UNROLL
-    for (int n0 = 0; n0 < kCols; n0 += kChunk) {
-      CUTE_UNROLL
-      for (int ni = n0; ni < n0 + kChunk; ++ni) {
-        const int c = get<1>(c_rc(0, ni));
-        const int key = c < tile_keys ? stage_key[c] : -1;
-        const float bias = stage_bias[c];
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const bool visible = key >= 0 && key <= last_key[mi];
-          const float s = s_rc(mi, ni) + bias;
-          const float prob = visible ? exp2f(fmaf(s, kLog2e, -row_lse[mi])) : 0.f;
-          const float ds = prob * (dp_rc(mi, ni) - row_delta[mi]);
-          dp_rc(mi, ni) = softcap > 0.f ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;
-        }
-      }
-      asm volatile("" ::: "memory");
+    auto elements = [&](auto cap, auto causal) {
+      dq_elements<decltype(cap)::value, decltype(causal)::value>(s_rc, dp_rc, c_rc, stage_key, stage_bias, tile_keys,
+                                                                 row_lse, row_delta, last_key, scale_log2e, softcap,
+                                                                 scale_over_cap, inv_cap);
+    };
+    if (softcap > 0.f) {
+      elements(cute::true_type{}, cute::true_type{});
+    } else {
+      elements(cute::false_type{}, cute::true_type{});
     }
     convert_into(acc_dp, rdS);
 
@@ -323,7 +409,7 @@ struct DkdvSm90Traits {
   static_assert(kBlockM <= kProducerThreads / 2, "one producer thread per lse and per delta row");
 
   // setmaxnreg budgets (ptxas -v, nvcc 13, sm_90a): D = 64 has no spills at 32 / 232 (16 bytes in
-  // the producer at 24); D = 128 spills 96 bytes in the consumers' main loop at 24 / 240 (144 at
+  // the producer at 24); D = 128 spills 56 bytes in the consumers' main loop at 24 / 240 (more at
   // 32 / 232): dK, dV, S^T and dP^T alone are 192 registers there.
   static constexpr int kProducerRegs = kHeadDim_ <= 64 ? 32 : 24;
   static constexpr int kConsumerRegs = kHeadDim_ <= 64 ? 232 : 240;
@@ -412,7 +498,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float* sBias = reinterpret_cast<float*>(sKey + kBlockN);                // [kBlockN]
   float* sLse = sBias + kBlockN;                                          // [stage][kBlockM], base 2
   float* sDelta = sLse + kStages * kBlockM;                               // [stage][kBlockM]
-  int* sBounds = reinterpret_cast<int*>(sDelta + kStages * kBlockM);      // [4 warps]: smallest key
+  int* sBounds = reinterpret_cast<int*>(sDelta + kStages * kBlockM);      // [2][4 warps]: smallest, largest key
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kBarrierOffset);
   uint64_t* full = bars;                // Q, dO, lse and delta of stage s landed
   uint64_t* empty = bars + kStages;     // every consumer is done with stage s
@@ -435,14 +521,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (tidx < kBlockN) {
     const int key = reinterpret_cast<const int*>(src + Fwd::kCompactKeyOffset)[tidx];
     int low = key >= 0 ? key : p.K;
+    int high = key;
     CUTE_UNROLL
-    for (int s = 16; s > 0; s /= 2) low = min(low, __shfl_xor_sync(0xffffffffu, low, s));
-    if (tidx % 32 == 0) sBounds[tidx / 32] = low;
+    for (int s = 16; s > 0; s /= 2) {
+      low = min(low, __shfl_xor_sync(0xffffffffu, low, s));
+      high = max(high, __shfl_xor_sync(0xffffffffu, high, s));
+    }
+    if (tidx % 32 == 0) {
+      sBounds[tidx / 32] = low;
+      sBounds[kBlockN / 32 + tidx / 32] = high;
+    }
   }
   __syncthreads();
-  int first_key = p.K;
+  int first_key = p.K, last_key = -1;  // the tile's smallest and largest key
   CUTE_UNROLL
-  for (int w = 0; w < kBlockN / 32; ++w) first_key = min(first_key, sBounds[w]);
+  for (int w = 0; w < kBlockN / 32; ++w) {
+    first_key = min(first_key, sBounds[w]);
+    last_key = max(last_key, sBounds[kBlockN / 32 + w]);
+  }
   if (first_key == p.K) return;  // no key the queries see: the caller's zeros stand
   const int m_lo = p.causal ? max(first_key - off, 0) / kBlockM * kBlockM : 0;
   const int n_qblocks = (p.Q - m_lo + kBlockM - 1) / kBlockM;
@@ -521,7 +617,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
   Tensor c_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
   constexpr int kRows = decltype(size<0>(c_rc))::value;
-  constexpr int kCols = decltype(size<1>(c_rc))::value;
 
   Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
@@ -541,22 +636,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // the list's key (its output row; the mask's keys get zeros, as on the sm_80 kernel).
   const int32_t* list = p.idx + fwd_impl::selection_row(p, b, h0) * p.list_len;
   int vis_key[kRows];
-  float row_bias[kRows];
+  float row_bias2[kRows];  // the key's bias in base 2, -inf for no key (missing, or masked)
   int out_key[kRows];
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const int r = get<0>(c_rc(mi, 0));
     vis_key[mi] = sKey[r];
-    row_bias[mi] = sBias[r];
+    row_bias2[mi] = vis_key[mi] >= 0 ? sBias[r] * kLog2e : -INFINITY;
     const int64_t pos = int64_t(n_tile) * kBlockN + r;
     const int key = pos < p.list_len ? __ldg(list + pos) : -1;
     out_key[mi] = key >= 0 && key < p.K ? key : -1;
   }
 
-  const float scale = p.scale;
   const float softcap = p.softcap;
   const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
   const float inv_cap = softcap > 0.f ? 1.f / softcap : 0.f;
+  const float scale_log2e = p.scale * kLog2e;
   float row_db[kRows];
 
   for (int j = 0; j < n_steps; ++j) {
@@ -577,33 +672,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     gemm_done(acc_s);
     gemm_done(acc_dp);
 
-    fwd_impl::scale_scores(acc_s, scale, softcap, scale_over_cap);
+    // P^T overwrites S^T, dS^T (times the softcap factor) overwrites dP^T. Keys that are missing or
+    // masked have a -inf bias term, queries past Q or without keys a +inf lse, so both give P = 0
+    // without a test; the causal test is needed only when the block's first query cannot see the
+    // tile's largest key.
     const float* stage_lse = sLse + stage * kBlockM;
     const float* stage_delta = sDelta + stage * kBlockM;
-    constexpr int kChunk = 8;
-    static_assert(kCols % kChunk == 0, "whole chunks of columns");
-    CUTE_UNROLL
-    for (int n0 = 0; n0 < kCols; n0 += kChunk) {
-      CUTE_UNROLL
-      for (int ni = n0; ni < n0 + kChunk; ++ni) {
-        const int c = get<1>(c_rc(0, ni));
-        const int query = m0 + c;
-        const float lse = stage_lse[c];
-        const float delta = stage_delta[c];
-        const int last_key = query >= p.Q ? -1 : p.causal ? query + off : p.K;
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const int key = vis_key[mi];
-          const bool visible = key >= 0 && key <= last_key;
-          const float s = s_rc(mi, ni) + row_bias[mi];
-          const float prob = visible ? exp2f(fmaf(s, kLog2e, -lse)) : 0.f;
-          const float ds = prob * (dp_rc(mi, ni) - delta);
-          row_db[mi] += ds;
-          dp_rc(mi, ni) = softcap > 0.f ? ds * cap_factor(s_rc(mi, ni), inv_cap) : ds;
-          s_rc(mi, ni) = prob;
-        }
-      }
-      asm volatile("" ::: "memory");
+    auto elements = [&](auto cap, auto causal) {
+      dkdv_elements<decltype(cap)::value, decltype(causal)::value>(s_rc, dp_rc, c_rc, stage_lse, stage_delta, m0 + off,
+                                                                   vis_key, row_bias2, row_db, scale_log2e, softcap,
+                                                                   scale_over_cap, inv_cap);
+    };
+    const bool boundary = p.causal && m0 + off < last_key;
+    if (softcap > 0.f) {
+      if (boundary) elements(cute::true_type{}, cute::true_type{});
+      else elements(cute::true_type{}, cute::false_type{});
+    } else {
+      if (boundary) elements(cute::false_type{}, cute::true_type{});
+      else elements(cute::false_type{}, cute::false_type{});
     }
     // Each converted operand goes to its GEMM at once, so S^T's registers are free before dS^T is
     // converted.

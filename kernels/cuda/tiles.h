@@ -13,6 +13,7 @@ namespace cuda {
 //   forward:  DMATTN_SWEEP_FWD_M, DMATTN_SWEEP_FWD_N, DMATTN_SWEEP_FWD_WARPS
 //   backward: DMATTN_SWEEP_DQ_M, DMATTN_SWEEP_DQ_N, DMATTN_SWEEP_DKDV_N, DMATTN_SWEEP_DKDV_M,
 //             DMATTN_SWEEP_BWD_WARPS
+//   sm_90a dk/dv stages (every head dim): DMATTN_SWEEP_DKDV90_STAGES
 // All undefined in a normal build. A candidate the kernels cannot take fails a static_assert.
 
 struct FwdTile {
@@ -166,6 +167,9 @@ struct BwdSm90Tile {
 // - 2 stages: K, V (2 x 32 KiB at D = 128) + 2 x (Q + dO) (64 KiB) = 128 KiB.
 constexpr BwdSm90Tile bwd_sm90_tile(int head_dim) {
   (void)head_dim;
+#if defined(DMATTN_SWEEP_DKDV90_STAGES)
+  return BwdSm90Tile{128, 64, DMATTN_SWEEP_DKDV90_STAGES};
+#endif
   return BwdSm90Tile{128, 64, 2};
 }
 
