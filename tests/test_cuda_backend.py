@@ -60,11 +60,17 @@ def _check(case: Case, dtype) -> None:
     assert_close_to_reference(got, low, truth, dtype, label=f"[cuda {case} {dtype}] ")
 
 
-def test_auto_picks_triton_first():
-    q, k, v, bias, _ = make_inputs(LIST_CASE, torch.bfloat16, "cuda")
-    e = dmattn.explain(q, k, v, bias, **call_options(LIST_CASE))
+def test_auto_takes_cuda_only_where_preferred():
+    """Both backends take the LIST case; auto takes cuda ahead of triton exactly where its sm_90a
+    kernels run it (an H100/H200 and a build with them for this head dim), else triton."""
+    from dmattn import cuda_ext
+    case = _built(LIST_CASE)
+    q, k, v, bias, _ = make_inputs(case, torch.bfloat16, "cuda")
+    e = dmattn.explain(q, k, v, bias, **call_options(case))
     assert e.reasons["cuda"] == [] and e.reasons["triton"] == [], e
-    assert e.chosen == "triton", e
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and cuda_ext.uses_sm90(case.D)
+    assert CUDA.preferred(make_problem(q, k, v, bias, **call_options(case))) == sm90
+    assert e.chosen == ("cuda" if sm90 else "triton"), e
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -21,7 +22,8 @@ def _args(device="cpu"):
 
 def test_registry_order_and_reference_is_by_name_only():
     assert dmattn.backends()[-1] == "reference"
-    # Fastest first: the CUDA kernels are slower than Triton's today (docs/performance.md).
+    # Triton first; the cuda backend is taken ahead of it only for the calls it says it is preferred
+    # for (its sm_90a LIST path, measured faster: docs/performance.md).
     assert dmattn.backends().index("triton") < dmattn.backends().index("cuda")
     assert not BACKENDS["reference"].auto_devices
     assert "cpu" in BACKENDS["cpu"].auto_devices
@@ -122,3 +124,53 @@ def test_cuda_reasons_for_the_visible_prefix_path(Q, scope, causal, bias_dtype, 
     # Per-query bias: the declared feature says it, not a second reason.
     p4 = make_problem(q, k, k, torch.randn(1, 2, Q, 8), window=4, topk_scope=scope, is_causal=causal)
     assert "window_per_query" in p4.features and BACKENDS["cuda"].extra_reasons(p4) == []
+
+
+def _cuda_problem(**over):
+    """A Problem on a CUDA device, built without tensors (none are needed to dispatch)."""
+    from dmattn.problem import Problem
+    fields = dict(B=1, Q=4096, K=4096, H=8, H_kv=2, D=128, dtype=torch.bfloat16, device=torch.device("cuda", 0),
+                  bias_shape=(1, 2, 1, 4096), bias_dtype=torch.bfloat16, mask_shape=None, window=512,
+                  topk_scope="global", is_causal=True, scale=128 ** -0.5, softcap=None, deterministic=False)
+    fields.update(over)
+    return Problem(**fields)
+
+
+@pytest.mark.parametrize("over, expected", [
+    ({}, True),
+    (dict(D=64), True),
+    (dict(Q=1, topk_scope="visible"), True),           # decode: one query ranks the same keys either way
+    (dict(is_causal=False, topk_scope="visible"), True),
+    (dict(topk_scope="visible"), False),               # per-query prefixes: the PREFIX path
+    (dict(window=None), False),                        # no window: every key
+    (dict(window=4096), False),                        # a window that keeps every key is none
+    (dict(bias_shape=(1, 2, 4096, 4096)), False),      # per-query bias: declined for windows anyway
+    (dict(D=96), False),                               # no sm_90a kernels for this head dim
+    (dict(dtype=torch.float32), False),
+    (dict(device=torch.device("cpu")), False),
+])
+def test_cuda_preferred_for_its_sm90_list_path(over, expected, monkeypatch):
+    """The cuda backend asks auto dispatch to take it ahead of triton exactly on the calls that run
+    its sm_90a LIST kernels (the device check itself is cuda_ext.uses_sm90, faked here)."""
+    from dmattn import cuda_ext
+    monkeypatch.setattr(cuda_ext, "uses_sm90", lambda head_dim, per_query=False: head_dim in (64, 128))
+    monkeypatch.setattr(cuda_ext, "on_device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_ext, "SM90_BACKWARD", True)
+    assert BACKENDS["cuda"].preferred(_cuda_problem(**over)) is expected
+    monkeypatch.setattr(cuda_ext, "SM90_BACKWARD", False)  # the sm_80 backward stays behind triton
+    assert BACKENDS["cuda"].preferred(_cuda_problem(**over)) is False
+
+
+@pytest.mark.parametrize("cuda_preferred", [True, False])
+def test_auto_takes_a_preferred_backend_first(cuda_preferred, monkeypatch):
+    """With triton and cuda both able to run a call, auto takes triton (registry order) unless cuda
+    is preferred for it; explain agrees with select."""
+    problem = _cuda_problem()
+    for name in BACKENDS:
+        monkeypatch.setattr(BACKENDS[name], "reasons", (lambda p: []) if name in ("triton", "cuda") else
+                            (lambda p: ["not in this test"]))
+    monkeypatch.setattr(BACKENDS["cuda"], "preferred", lambda p: cuda_preferred)
+    expected = "cuda" if cuda_preferred else "triton"
+    assert dispatch.select(problem).name == expected
+    assert dispatch.explain_problem(problem).chosen == expected
+    assert dispatch.select(problem, "triton").name == "triton"  # a named backend is never overridden

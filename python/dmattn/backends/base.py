@@ -1,7 +1,8 @@
 """What a backend is: a class that declares what it supports and runs the op's passes.
 
 ``reasons(problem)`` is derived from the declarations, so a backend never computes a problem it
-did not declare; dispatch takes the first backend in priority order that has no reasons.
+did not declare; dispatch takes the first backend in priority order that has no reasons, unless a
+later one without reasons says it is ``preferred`` for the problem.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class Backend:
     def extra_reasons(self, problem: Problem) -> list[str]:
         """Checks beyond the declarations (subclasses extend; default none)."""
         return []
+
+    def preferred(self, problem: Problem) -> bool:
+        """Whether ``backend="auto"`` should take this backend for ``problem`` ahead of the ones before
+        it in the registry (it was measured faster on such calls). Only asked of a backend that can
+        run the problem; default False: the registry order decides."""
+        return False
 
     def reasons(self, problem: Problem) -> list[str]:
         """Everything that stops this backend from computing ``problem``; empty means it can."""
