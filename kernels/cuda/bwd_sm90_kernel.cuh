@@ -227,24 +227,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
     // ============================================================== producer: the compact tiles
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (tidx == 0) {
-      using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
       const int list_tiles = int((p.list_len + kBlockN - 1) / kBlockN);
       const char* src = static_cast<const char*>(p.compact) +
                         (int64_t(b) * p.compact_heads + h * p.compact_heads / p.H) * list_tiles *
                             int64_t(Traits::kCompactTileBytes);
       for (int t = 0; t < n_tiles; ++t, src += Traits::kCompactTileBytes) {
-        const int stage = t % kStages;
-        const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;
-        Barrier::wait(empty_k + stage, empty_parity);
-        TxBarrier::arrive_and_expect_tx(full_k + stage, Traits::kTileBytes + 8 * kBlockN);
-        SM90_BULK_COPY_G2S::copy(src, full_k + stage, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
-        SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k + stage, sKey + stage * kBlockN, 4 * kBlockN);
-        SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k + stage, sBias + stage * kBlockN,
-                                 4 * kBlockN);
-        Barrier::wait(empty_v + stage, empty_parity);
-        TxBarrier::arrive_and_expect_tx(full_v + stage, Traits::kTileBytes);
-        SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v + stage, v_smem + stage * Traits::kTileElems,
-                                 Traits::kTileBytes);
+        fwd_sm90_impl::copy_compact_tile<Traits>(src, t % kStages, ((t / kStages) & 1) ^ 1, bars, k_smem, v_smem, sKey,
+                                                 sBias);
       }
     }
     return;

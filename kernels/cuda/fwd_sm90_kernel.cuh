@@ -295,6 +295,33 @@ __device__ __forceinline__ void load_block_rows(const typename Traits::Element* 
   }
 }
 
+// One key tile of the compact LIST copy (src: its K image, V image, keys and bias values) into
+// stage `stage` of a kernel laid out as the forward (Sm90Traits; bars: K full, K empty, V full,
+// V empty, kStages each): waits for the stage's "K empty" and moves K, the keys and the bias values
+// onto "K full", then waits for "V empty" and moves V onto "V full", with bulk copies that complete
+// the barriers by their byte count. One producer thread (the forward's and the sm_90a dq kernel's).
+template <class Traits>
+__device__ __forceinline__ void copy_compact_tile(const char* src, int stage, uint32_t empty_parity, uint64_t* bars,
+                                                  typename Traits::Element* k_smem,
+                                                  typename Traits::Element* v_smem, int* sKey, float* sBias) {
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  uint64_t* full_k = bars + stage;
+  uint64_t* empty_k = bars + kStages + stage;
+  uint64_t* full_v = bars + 2 * kStages + stage;
+  uint64_t* empty_v = bars + 3 * kStages + stage;
+  Barrier::wait(empty_k, empty_parity);
+  TxBarrier::arrive_and_expect_tx(full_k, Traits::kTileBytes + 8 * kBlockN);
+  SM90_BULK_COPY_G2S::copy(src, full_k, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
+  SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k, sKey + stage * kBlockN, 4 * kBlockN);
+  SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k, sBias + stage * kBlockN, 4 * kBlockN);
+  Barrier::wait(empty_v, empty_parity);
+  TxBarrier::arrive_and_expect_tx(full_v, Traits::kTileBytes);
+  SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v, v_smem + stage * Traits::kTileElems, Traits::kTileBytes);
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
@@ -379,7 +406,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
       // with bulk copies (cp.async.bulk, completing on the stage's "full" barrier with the bytes
       // it announced). The other producer threads have nothing to do.
       if (tidx == 0) {
-        using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
         const int list_tiles = int((p.list_len + kBlockN - 1) / kBlockN);
         for (int i = blockIdx.x; i < n_items; i += gridDim.x) {
           const Item item = item_at(i);
@@ -389,19 +415,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
                             (int64_t(item.b) * p.compact_heads + item.h * p.compact_heads / p.H) * list_tiles *
                                 int64_t(Traits::kCompactTileBytes);
           for (int t = 0; t < n_tiles; ++t, ++it, src += Traits::kCompactTileBytes) {
-            const int stage = it % kStages;
-            const uint32_t empty_parity = ((it / kStages) & 1) ^ 1;
-            Barrier::wait(empty_k + stage, empty_parity);
-            TxBarrier::arrive_and_expect_tx(full_k + stage, Traits::kTileBytes + 8 * kBlockN);
-            SM90_BULK_COPY_G2S::copy(src, full_k + stage, k_smem + stage * Traits::kTileElems, Traits::kTileBytes);
-            SM90_BULK_COPY_G2S::copy(src + Traits::kCompactKeyOffset, full_k + stage, sKey + stage * kBlockN,
-                                     4 * kBlockN);
-            SM90_BULK_COPY_G2S::copy(src + Traits::kCompactBiasOffset, full_k + stage, sBias + stage * kBlockN,
-                                     4 * kBlockN);
-            Barrier::wait(empty_v + stage, empty_parity);
-            TxBarrier::arrive_and_expect_tx(full_v + stage, Traits::kTileBytes);
-            SM90_BULK_COPY_G2S::copy(src + Traits::kTileBytes, full_v + stage, v_smem + stage * Traits::kTileElems,
-                                     Traits::kTileBytes);
+            copy_compact_tile<Traits>(src, it % kStages, ((it / kStages) & 1) ^ 1, bars, k_smem, v_smem, sKey, sBias);
           }
         }
       }
