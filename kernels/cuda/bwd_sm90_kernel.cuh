@@ -36,8 +36,8 @@
 // kernel's block): an item of 128 rows walks the longer prefix of its two halves (counts never
 // decrease along the query blocks), and the per-element visibility test drops the rest.
 // Registers: each consumer thread holds dQ (D / 2 floats), S and dP (64 floats each at
-// block_n = 128) at once, then dS as 32 16-bit pairs (the forward's 40 / 232 budgets; ptxas: no
-// spills); the tile loop does not overlap one tile's dQ += dS K with the next tile's S and dP (that
+// block_n = 128) at once, then dS as 32 16-bit pairs (the forward's 40 / 232 budgets; ptxas: 8
+// bytes of spills at D = 128, none at 64); the tile loop does not overlap one tile's dQ += dS K with the next tile's S and dP (that
 // would keep 32 more registers live), so the two consumer warpgroups' GEMMs interleave on the
 // tensor cores instead.
 //
@@ -398,7 +398,7 @@ struct DkdvSm90Traits {
   static_assert(kBlockM <= kProducerThreads / 2, "one producer thread per lse and per delta row");
 
   // setmaxnreg budgets (ptxas -v, nvcc 13, sm_90a): D = 64 has no spills at 32 / 232 (16 bytes in
-  // the producer at 24); D = 128 spills 56 bytes in the consumers' main loop at 24 / 240 (more at
+  // the producer at 24); D = 128 spills 60 bytes in the consumers' main loop at 24 / 240 (more at
   // 32 / 232): dK, dV, S^T and dP^T alone are 192 registers there.
   static constexpr int kProducerRegs = kHeadDim_ <= 64 ? 32 : 24;
   static constexpr int kConsumerRegs = kHeadDim_ <= 64 ? 232 : 240;
