@@ -115,21 +115,10 @@ __device__ __forceinline__ void load_contiguous(GmemCopy const& gmem_copy, Src c
   }
 }
 
-// Scale or softcap every score of a fragment in place. The chain-rule factor of the cap,
-// 1 - tanh^2, is taken later from the capped score itself (tanh = capped / softcap), so no second
-// score-sized fragment is live; the factor `scale` is applied once to dq and dk at the end.
-template <class Frag>
-__device__ __forceinline__ void cap_scores(Frag& acc_s, float scale, float softcap) {
-  if (softcap > 0.f) {
-    const float scale_over_cap = scale / softcap;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) acc_s(i) = softcap * tanhf(acc_s(i) * scale_over_cap);
-  } else {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale;
-  }
-}
-
+// Both kernels scale or softcap their scores in place with the forward's fwd_impl::scale_scores. The
+// chain-rule factor of the cap, 1 - tanh^2, is taken later from the capped score itself
+// (tanh = capped / softcap), so no second score-sized fragment is live; the factor `scale` is
+// applied once to dq and dk at the end.
 // d(capped score) / d(score before the cap) / scale, from the capped score: 1 - tanh^2.
 __device__ __forceinline__ float cap_factor(float capped, float inv_cap) {
   const float t = capped * inv_cap;
@@ -296,6 +285,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   const bool write_ds = kPerQuery && p.ds != nullptr;
   const bool softcap = p.softcap > 0.f;
   const float inv_cap = softcap ? 1.f / p.softcap : 0.f;
+  const float scale_over_cap = softcap ? p.scale / p.softcap : 0.f;
   float* ds_row = p.ds != nullptr ? p.ds + bh * p.Q * int64_t(p.K) : nullptr;
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -325,7 +315,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
     gemm_smem(acc_dp, tSrdO, tSrV, tSsdO, sthr_B.partition_S(sV_at(stage)), tiled_mma, smem_copy_A, smem_copy_B,
               sthr_A, sthr_B);
 
-    cap_scores(acc_s, p.scale, p.softcap);
+    fwd_impl::scale_scores(acc_s, p.scale, p.softcap, scale_over_cap);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
     int col_key[kColsT];
@@ -575,6 +565,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
 
   const bool softcap = p.softcap > 0.f;
   const float inv_cap = softcap ? 1.f / p.softcap : 0.f;
+  const float scale_over_cap = softcap ? p.scale / p.softcap : 0.f;
   float row_bias[kRowsT];  // query-broadcast bias of each row's key for the current head
   int row_vis[kRowsT];     // row_key, or -1 where a query-broadcast mask drops the key
   float row_db[kRowsT];    // sum over the head's queries of dS
@@ -611,7 +602,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     gemm_smem(acc_dp, tSrV, tSrdO, tSsV, sthr_B.partition_S(sdO_at(stage)), tiled_mma, smem_copy_A, smem_copy_B,
               sthr_A, sthr_B);
 
-    cap_scores(acc_s, p.scale, p.softcap);
+    fwd_impl::scale_scores(acc_s, p.scale, p.softcap, scale_over_cap);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
     // P^T overwrites S^T, dS^T (times the softcap factor) overwrites dP^T.
