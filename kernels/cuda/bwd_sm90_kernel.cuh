@@ -84,11 +84,13 @@ __device__ __forceinline__ void dS_elements(float acc, float shift2, float scale
 
 // The dq kernel's element-wise step over a tile: dS (times the softcap factor) into dp_rc, from S in
 // s_rc, per column (key) its bias in base 2 (-inf for a missing or masked key and for columns at or
-// past tile_keys) and per row its lse (base 2) and delta; kCausal: also zero P where the key is past
-// the row's last_key. Columns go in chunks of 8 whose sKey/sBias reads stay below the previous chunk
-// (as in the forward: hoisting all of them costs registers the consumers do not have). A function,
-// not a lambda, so that its four instantiations are inlined and the row arrays stay in registers.
-template <bool kCap, bool kCausal, class TS, class TC, int kRows>
+// past tile_keys) and per row its lse (base 2), delta and last visible key (last_key: the causal
+// test, which runs on every tile; skipping it on tiles the whole warpgroup sees, a second variant of
+// this loop, made ptxas spill ~1 KB per thread). Columns go in chunks of 8 whose sKey/sBias reads
+// stay below the previous chunk (as in the forward: hoisting all of them costs registers the
+// consumers do not have). A function, not a lambda, so that its instantiations are inlined and the
+// row arrays stay in registers.
+template <bool kCap, class TS, class TC, int kRows>
 __device__ __forceinline__ void dq_elements(TS& s_rc, TS& dp_rc, TC const& c_rc, const int* stage_key,
                                             const float* stage_bias, int tile_keys, const float (&row_lse)[kRows],
                                             const float (&row_delta)[kRows], const int (&last_key)[kRows],
@@ -109,7 +111,7 @@ __device__ __forceinline__ void dq_elements(TS& s_rc, TS& dp_rc, TC const& c_rc,
         float prob, factor;
         dS_elements<kCap>(s_rc(mi, ni), bias2 - row_lse[mi], scale_log2e, softcap, scale_over_cap, inv_cap, &prob,
                           &factor);
-        if constexpr (kCausal) prob = key <= last_key[mi] ? prob : 0.f;
+        if (key > last_key[mi]) prob = 0.f;
         dp_rc(mi, ni) = prob * (dp_rc(mi, ni) - row_delta[mi]) * factor;
       }
     }
@@ -317,20 +319,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
 
     // dS overwrites dP: P (dP - delta), times the softcap factor (dS_elements says how). Columns at
     // or past the item's limit hold the list's next entries (the compact copy's): their bias term is
-    // -inf, like a missing or masked key's. The causal test runs on every tile: skipping it on
-    // interior tiles (a third variant of the loop) made ptxas spill ~1 KB per thread.
+    // -inf, like a missing or masked key's.
     const int tile_keys = limit - t * kBlockN;
     const int* stage_key = sKey + stage * kBlockN;
     const float* stage_bias = sBias + stage * kBlockN;
-    auto elements = [&](auto cap, auto causal) {
-      dq_elements<decltype(cap)::value, decltype(causal)::value>(s_rc, dp_rc, c_rc, stage_key, stage_bias, tile_keys,
-                                                                 row_lse, row_delta, last_key, scale_log2e, softcap,
-                                                                 scale_over_cap, inv_cap);
-    };
     if (softcap > 0.f) {
-      elements(cute::true_type{}, cute::true_type{});
+      dq_elements<true>(s_rc, dp_rc, c_rc, stage_key, stage_bias, tile_keys, row_lse, row_delta, last_key,
+                        scale_log2e, softcap, scale_over_cap, inv_cap);
     } else {
-      elements(cute::false_type{}, cute::true_type{});
+      dq_elements<false>(s_rc, dp_rc, c_rc, stage_key, stage_bias, tile_keys, row_lse, row_delta, last_key,
+                         scale_log2e, softcap, scale_over_cap, inv_cap);
     }
     convert_into(acc_dp, rdS);
 
