@@ -38,6 +38,7 @@ using namespace cute;
 using fwd_impl::acc_as_a;
 using fwd_impl::convert_fragment;
 using fwd_impl::fast_exp2;
+using fwd_impl::load_contiguous;
 using fwd_impl::gemm_reg_smem;
 using fwd_impl::gemm_smem;
 using fwd_impl::load_float;
@@ -96,23 +97,19 @@ struct BwdTraits {
   static constexpr int kSmemBytes = kSmemTileBytes + 24 * kCols + 8 * kRows;
 };
 
-// cp.async of a tile of contiguous rows (view tXg, coordinates tXc); rows at or past `rows_left`
-// are zero-filled, so they give finite products that the visibility test then drops.
-template <class GmemCopy, class Src, class Dst, class Coords>
-__device__ __forceinline__ void load_contiguous(GmemCopy const& gmem_copy, Src const& tXg, Dst&& tXs,
-                                                Coords const& tXc, int rows_left) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tXs); ++m) {
-    const bool row_ok = get<0>(tXc(0, m, 0)) < rows_left;
-    CUTE_UNROLL
-    for (int kk = 0; kk < size<2>(tXs); ++kk) {
-      if (row_ok) {
-        copy(gmem_copy, tXg(_, m, kk), tXs(_, m, kk));
-      } else {
-        clear(tXs(_, m, kk));
-      }
-    }
+// The backward's per-row statistics of query row `row` of (b, h): its log-sum-exp in base 2 for
+// P = 2^(s log2e - lse2), +inf for a row without keys (lse -inf) or at or past Q, so P = 0 there with
+// no NaN; and delta (0 past Q). Every backward kernel reads them through these two.
+__device__ __forceinline__ float lse2_of_row(const BwdParams& p, int b, int h, int row) {
+  float lse = INFINITY;
+  if (row < p.Q) {
+    lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + row];
+    if (lse == -INFINITY) lse = INFINITY;
   }
+  return lse * 1.4426950408889634f;
+}
+__device__ __forceinline__ float delta_of_row(const BwdParams& p, int b, int h, int row) {
+  return row < p.Q ? p.delta[(int64_t(b) * p.H + h) * p.Q + row] : 0.f;
 }
 
 // Both kernels scale or softcap their scores in place with the forward's fwd_impl::scale_scores. The
@@ -170,11 +167,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   if (dq_ptr != nullptr) dq_ptr += b * p.dq_stride[0] + h * p.dq_stride[2];
   if (n_tiles == 0) {  // nothing visible: dq 0 (ds stays as the caller zero-filled it)
     if (dq_ptr != nullptr) {
-      constexpr int kVecs = kHeadDim / 8;
-      for (int i = tidx; i < kBlockM * kVecs; i += Traits::kThreads) {
-        const int r = m0 + i / kVecs;
-        if (r < p.Q) *reinterpret_cast<uint4*>(dq_ptr + int64_t(r) * p.dq_stride[1] + (i % kVecs) * 8) = make_uint4(0, 0, 0, 0);
-      }
+      fwd_impl::zero_block_rows<kBlockM, kHeadDim>(dq_ptr, p.dq_stride[1], m0, p.Q, tidx, Traits::kThreads);
     }
     return;
   }
@@ -254,19 +247,13 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dq_kernel(const BwdP
   CUTE_UNROLL
   for (int mi = 0; mi < kRowsT; ++mi) {
     const int row = m0 + get<0>(c_rc(mi, 0));
-    float lse = INFINITY, delta = 0.f;
-    if (row < p.Q) {
-      lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + row];
-      if (lse == -INFINITY) lse = INFINITY;
-      delta = p.delta[bh * p.Q + row];
-    }
-    row_lse[mi] = lse * kLog2e;
-    row_delta[mi] = delta;
+    row_lse[mi] = lse2_of_row(p, b, h, row);
+    row_delta[mi] = delta_of_row(p, b, h, row);
   }
 
   // ---------------------------------------------------------------- prologue: Q, dO, K(0), V(0)
-  load_contiguous(gmem_copy, gthr.partition_S(gQ), gthr.partition_D(sQ), tQc, p.Q - m0);
-  load_contiguous(gmem_copy, gthr.partition_S(gdO), gthr.partition_D(sdO), tQc, p.Q - m0);
+  load_contiguous(gmem_copy, gthr.partition_S(gQ), gthr.partition_D(sQ), tQc, m0, p.Q);
+  load_contiguous(gmem_copy, gthr.partition_S(gdO), gthr.partition_D(sdO), tQc, m0, p.Q);
   int keys[kLoadRows];
   fwd_impl::tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
   {
@@ -542,16 +529,14 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_bwd_dkdv_kernel(const Bw
     Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[1], _1{}));
     Tensor gdO = make_tensor(make_gmem_ptr(do_ptr), Shape<Int<kBlockM>, Int<kHeadDim>>{},
                              make_stride(p.dout_stride[1], _1{}));
-    load_contiguous(gmem_copy, gthr.partition_S(gQ), gthr.partition_D(sQ_at(j & 1)), tQc, p.Q - m0);
-    load_contiguous(gmem_copy, gthr.partition_S(gdO), gthr.partition_D(sdO_at(j & 1)), tQc, p.Q - m0);
+    load_contiguous(gmem_copy, gthr.partition_S(gQ), gthr.partition_D(sQ_at(j & 1)), tQc, m0, p.Q);
+    load_contiguous(gmem_copy, gthr.partition_S(gdO), gthr.partition_D(sdO_at(j & 1)), tQc, m0, p.Q);
     cp_async_fence();
     next_lse = INFINITY;
     next_delta = 0.f;
-    const int row = m0 + tidx;
-    if (tidx < kBlockM && row < p.Q) {
-      const float lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + row];
-      next_lse = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      next_delta = p.delta[(int64_t(b) * p.H + h) * p.Q + row];
+    if (tidx < kBlockM) {
+      next_lse = lse2_of_row(p, b, h, m0 + tidx);
+      next_delta = delta_of_row(p, b, h, m0 + tidx);
     }
   };
   auto publish = [&](int j) {

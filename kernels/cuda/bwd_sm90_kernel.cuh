@@ -188,11 +188,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
 
   Element* dq_ptr = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[2];
   if (n_tiles == 0) {  // no key: dq 0
-    constexpr int kVecs = kHeadDim / 8;
-    for (int i = tidx; i < kBlockM * kVecs; i += Traits::kThreads) {
-      const int r = m0 + i / kVecs;
-      if (r < p.Q) *reinterpret_cast<uint4*>(dq_ptr + int64_t(r) * p.dq_stride[1] + (i % kVecs) * 8) = make_uint4(0, 0, 0, 0);
-    }
+    fwd_impl::zero_block_rows<kBlockM, kHeadDim>(dq_ptr, p.dq_stride[1], m0, p.Q, tidx, Traits::kThreads);
     return;
   }
 
@@ -210,16 +206,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
   uint64_t* empty_k = bars + kStages;      // every consumer's dQ += dS K(t) has completed
   uint64_t* full_v = bars + 2 * kStages;   // V(t) landed
   uint64_t* empty_v = bars + 3 * kStages;  // every consumer's dP = dO V(t)^T has completed
-  if (tidx == 0) {
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) {
-      Barrier::init(full_k + s, 1);
-      Barrier::init(full_v + s, 1);
-      Barrier::init(empty_k + s, kConsumerThreads);
-      Barrier::init(empty_v + s, kConsumerThreads);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (tidx == 0) fwd_sm90_impl::init_stage_barriers<Traits>(bars, 1);  // one producer thread, bulk copies
   __syncthreads();  // the last block-wide barrier: the producer leaves early
 
   // Tile t lives in stage t % kStages; its barriers complete phase t / kStages (the producer's
@@ -268,21 +255,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
 
   // lse in base 2 (+inf for rows without keys and rows past Q: P = 0 there) and delta per row.
   const int off = p.K - p.Q;
-  const int64_t bh_row = (int64_t(b) * p.H + h) * p.Q;
   float row_lse[kRows];
   float row_delta[kRows];
   int last_key[kRows];
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const int row = m0 + get<0>(c_rc(mi, 0));
-    float lse = INFINITY, delta = 0.f;
-    if (row < p.Q) {
-      lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + row];
-      if (lse == -INFINITY) lse = INFINITY;
-      delta = p.delta[bh_row + row];
-    }
-    row_lse[mi] = lse * kLog2e;
-    row_delta[mi] = delta;
+    row_lse[mi] = bwd_impl::lse2_of_row(p, b, h, row);
+    row_delta[mi] = bwd_impl::delta_of_row(p, b, h, row);
     last_key[mi] = row >= p.Q ? -1 : p.causal ? row + off : p.K;
   }
 
@@ -342,16 +322,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_bwd_dq_sm90_kernel(co
   // ---------------------------------------------------------------- epilogue: dq = scale dQ
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= scale;
-  Tensor rdQ = fwd_impl::convert_fragment<Element>(acc_dq);
-  named_sync(kBarConsumers, kConsumerThreads);  // no consumer still reads Q
-  Tensor sdQ = make_tensor(make_smem_ptr(q_smem), typename Traits::SmemLayoutQ{});
-  auto smem_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_dq);
-  auto sthr = smem_copy.get_thread_slice(ctidx);
-  Tensor taccrdQ = sthr.retile_S(rdQ);
-  Tensor taccsdQ = sthr.partition_D(sdQ);
-  copy(smem_copy, taccrdQ, taccsdQ);
-  named_sync(kBarConsumers, kConsumerThreads);
-  fwd_impl::store_out_rows<Traits>(sdQ, ctidx, dq_ptr, p.dq_stride[1], m0, p.Q);
+  fwd_sm90_impl::store_acc_rows<Traits>(acc_dq, q_smem, ctidx, dq_ptr, p.dq_stride[1], m0, p.Q);
 #elif defined(__CUDA_ARCH__)
   __trap();  // compiled without sm_90a features: bwd.cu must never launch this
 #endif
@@ -557,14 +528,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // the stage is free.
       const int r = tidx % kBlockM;
       const int row = m0 + r;
-      float value = tidx < kBlockM ? INFINITY : 0.f;
-      if (tidx < 2 * kBlockM && row < p.Q) {
-        if (tidx < kBlockM) {
-          const float lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + row];
-          value = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        } else {
-          value = p.delta[(int64_t(b) * p.H + h) * p.Q + row];
-        }
+      float value = 0.f;
+      if (tidx < kBlockM) {
+        value = bwd_impl::lse2_of_row(p, b, h, row);
+      } else if (tidx < 2 * kBlockM) {
+        value = bwd_impl::delta_of_row(p, b, h, row);
       }
       Barrier::wait(empty + stage, ((j / kStages) & 1) ^ 1);
       if (tidx < 2 * kBlockM) (tidx < kBlockM ? sLse : sDelta)[stage * kBlockM + r] = value;

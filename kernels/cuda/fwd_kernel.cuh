@@ -206,6 +206,26 @@ __device__ __forceinline__ void tile_keys(int t, Coords const& tKVc, int limit, 
   }
 }
 
+// cp.async of a tile of contiguous rows starting at row m0 (view tXg, coordinates tXc relative to
+// the tile); rows at or past n_rows are zero-filled, so they give finite products that the
+// visibility test then drops (Q and dO blocks of every CUDA kernel).
+template <class GmemCopy, class Src, class Dst, class Coords>
+__device__ __forceinline__ void load_contiguous(GmemCopy const& gmem_copy, Src const& tXg, Dst&& tXs,
+                                                Coords const& tXc, int m0, int n_rows) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tXs); ++m) {
+    const bool row_ok = m0 + get<0>(tXc(0, m, 0)) < n_rows;
+    CUTE_UNROLL
+    for (int kk = 0; kk < size<2>(tXs); ++kk) {
+      if (row_ok) {
+        copy(gmem_copy, tXg(_, m, kk), tXs(_, m, kk));
+      } else {
+        clear(tXs(_, m, kk));
+      }
+    }
+  }
+}
+
 // cp.async of this thread's chunks of the tile rows. tXg holds only column offsets (row stride 0);
 // the row's key index times row_stride adds the rest. Rows without a key are zero-filled: K so
 // that S stays finite, V so that P = 0 times it is 0.
@@ -395,15 +415,24 @@ __device__ __forceinline__ void store_out_rows(TS const& sO, int thread, typenam
   }
 }
 
+// Rows m0 .. m0 + kBlockM - 1 (those below Q) of a (rows, kHeadDim) tensor of 16-bit elements with
+// 16-byte aligned rows set to 0, in 16-byte stores by `threads` threads (a query block without keys:
+// its out, or its dq).
+template <int kBlockM, int kHeadDim, class T>
+__device__ void zero_block_rows(T* ptr, int64_t row_stride, int m0, int Q, int thread, int threads) {
+  static_assert(sizeof(T) == 2, "16-bit elements, 8 per store");
+  constexpr int kVecs = kHeadDim / 8;  // 16-byte vectors per row
+  for (int i = thread; i < kBlockM * kVecs; i += threads) {
+    const int r = m0 + i / kVecs;
+    if (r < Q) *reinterpret_cast<uint4*>(ptr + int64_t(r) * row_stride + (i % kVecs) * 8) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 // A query block that sees no key: out 0 and lse -inf for its rows, written by `threads` threads.
 template <class Traits>
 __device__ void write_empty_block(typename Traits::Element* out, int64_t out_row_stride, float* lse, int m0, int Q,
                                   int thread, int threads) {
-  constexpr int kVecs = Traits::kHeadDim / 8;  // 16-byte vectors per row
-  for (int i = thread; i < Traits::kBlockM * kVecs; i += threads) {
-    const int r = m0 + i / kVecs;
-    if (r < Q) *reinterpret_cast<uint4*>(out + int64_t(r) * out_row_stride + (i % kVecs) * 8) = make_uint4(0, 0, 0, 0);
-  }
+  zero_block_rows<Traits::kBlockM, Traits::kHeadDim>(out, out_row_stride, m0, Q, thread, threads);
   for (int r = m0 + thread; r < m0 + Traits::kBlockM; r += threads) {
     if (r < Q) lse[r] = -INFINITY;
   }
@@ -524,18 +553,7 @@ __global__ void __launch_bounds__(Traits::kThreads) dma_fwd_kernel(const FwdPara
   }
 
   // ---------------------------------------------------------------- prologue: Q, K(0), keys of tile 0
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tQsQ); ++m) {
-    const bool row_ok = m0 + get<0>(tQcQ(0, m, 0)) < p.Q;
-    CUTE_UNROLL
-    for (int kk = 0; kk < size<2>(tQsQ); ++kk) {
-      if (row_ok) {
-        copy(gmem_copy, tQgQ(_, m, kk), tQsQ(_, m, kk));
-      } else {
-        clear(tQsQ(_, m, kk));
-      }
-    }
-  }
+  load_contiguous(gmem_copy, tQgQ, tQsQ, tQcQ, m0, p.Q);
   int keys[kLoadRows];
   tile_keys<kBlockN>(0, tKVc, limit, list, p.K, keys);
   load_rows(gmem_copy, tKgK, tKsK, p.k_stride[1], keys);

@@ -198,6 +198,26 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The consumers' accumulator of a (block_m x D) output block in TiledMmaO's layout (O of the
+// forward, dQ of the sm_90a dq kernel), converted to Element and written to rows m0 .. (those below
+// Q) of a (rows, D) global tensor with row_stride: staged in the shared-memory tile `tile` (the
+// block's Q buffer) so that the global stores are 16-byte rows. The first barrier makes sure no
+// consumer still reads Q in its last GEMM; `thread`: 0 .. kConsumerThreads - 1.
+template <class Traits, class Acc>
+__device__ __forceinline__ void store_acc_rows(Acc const& acc, typename Traits::Element* tile, int thread,
+                                               typename Traits::Element* out_ptr, int64_t row_stride, int m0, int Q) {
+  Tensor r = fwd_impl::convert_fragment<typename Traits::Element>(acc);
+  named_sync(kBarConsumers, Traits::kConsumerThreads);
+  Tensor s = make_tensor(make_smem_ptr(tile), typename Traits::SmemLayoutQ{});
+  auto smem_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, typename Traits::TiledMmaO{});
+  auto sthr = smem_copy.get_thread_slice(thread);
+  Tensor tr = sthr.retile_S(r);
+  Tensor ts = sthr.partition_D(s);
+  copy(smem_copy, tr, ts);
+  named_sync(kBarConsumers, Traits::kConsumerThreads);
+  fwd_impl::store_out_rows<Traits>(s, thread, out_ptr, row_stride, m0, Q);
+}
+
 // GMMA accumulator ((2, 2, N/8), MMA_M, MMA_N) -> (rows (2, MMA_M), cols (2, N/8, MMA_N)): each
 // thread holds 2 adjacent columns of every 8-column block, in rows r and r + 8 of its warp's 16.
 template <class L>
@@ -278,21 +298,27 @@ __device__ __forceinline__ void load_block_rows(const typename Traits::Element* 
   auto thr = gmem_copy.get_thread_slice(thread);
   Tensor gX = make_tensor(make_gmem_ptr(ptr + int64_t(m0) * row_stride),
                           Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}, make_stride(row_stride, _1{}));
-  Tensor tXgX = thr.partition_S(gX);
-  Tensor tXsX = thr.partition_D(sX);
-  Tensor tXcX = thr.partition_S(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}));
+  fwd_impl::load_contiguous(gmem_copy, thr.partition_S(gX), thr.partition_D(sX),
+                            thr.partition_S(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{})),
+                            m0, n_rows);
+}
+
+// The stage barriers of a kernel laid out as the forward (Sm90Traits; bars: K full, K empty, V full,
+// V empty, kStages each): "full" completes on `producer_arrivals` arrivals (and, with bulk copies,
+// their transaction bytes), "empty" on every consumer thread's. One thread, before the block's last
+// __syncthreads.
+template <class Traits>
+__device__ __forceinline__ void init_stage_barriers(uint64_t* bars, int producer_arrivals) {
+  using Barrier = cutlass::arch::ClusterBarrier;
+  constexpr int kStages = Traits::kStages;
   CUTE_UNROLL
-  for (int m = 0; m < size<1>(tXsX); ++m) {
-    const bool row_ok = m0 + get<0>(tXcX(0, m, 0)) < n_rows;
-    CUTE_UNROLL
-    for (int kk = 0; kk < size<2>(tXsX); ++kk) {
-      if (row_ok) {
-        copy(gmem_copy, tXgX(_, m, kk), tXsX(_, m, kk));
-      } else {
-        clear(tXsX(_, m, kk));
-      }
-    }
+  for (int s = 0; s < kStages; ++s) {
+    Barrier::init(bars + s, producer_arrivals);                       // K full
+    Barrier::init(bars + kStages + s, Traits::kConsumerThreads);      // K empty
+    Barrier::init(bars + 2 * kStages + s, producer_arrivals);         // V full
+    Barrier::init(bars + 3 * kStages + s, Traits::kConsumerThreads);  // V empty
   }
+  cutlass::arch::fence_barrier_init();
 }
 
 // One key tile of the compact LIST copy (src: its K image, V image, keys and bias values) into
@@ -377,17 +403,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
   // The gathering producer arrives once per thread and phase, the compact one once per phase (its
   // one thread's arrive.expect_tx; the bulk copies complete the transaction bytes).
   const bool compact = p.compact != nullptr;
-  if (tidx == 0) {
-    const int producer_arrivals = compact ? 1 : Traits::kProducerThreads;
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) {
-      Barrier::init(full_k + s, producer_arrivals);
-      Barrier::init(full_v + s, producer_arrivals);
-      Barrier::init(empty_k + s, kConsumerThreads);
-      Barrier::init(empty_v + s, kConsumerThreads);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (tidx == 0) init_stage_barriers<Traits>(bars, compact ? 1 : Traits::kProducerThreads);
   __syncthreads();  // the last block-wide barrier: the producer leaves early
 
   // Key tiles are numbered over all of the block's items (the running index `it`): tile it lives in
@@ -727,18 +743,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) dma_fwd_sm90_kernel(const
     // ---------------------------------------------------------------- epilogue
     fwd_impl::finish_rows(o_rc, c_rc, row_max, row_sum, lse_ptr, m0, p.Q);
 
-    // O goes through shared memory (the item's Q buffer) so the global stores are 16-byte rows. The
-    // barrier makes sure no consumer still reads Q in its last S = Q K^T.
-    Tensor rO = fwd_impl::convert_fragment<Element>(acc_o);
-    named_sync(kBarConsumers, kConsumerThreads);
-    Tensor sO = make_tensor(make_smem_ptr(q_smem + qb * Traits::kQElems), typename Traits::SmemLayoutQ{});
-    auto smem_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_o);
-    auto sthr_O = smem_copy_O.get_thread_slice(ctidx);
-    Tensor taccOrO = sthr_O.retile_S(rO);
-    Tensor taccOsO = sthr_O.partition_D(sO);
-    copy(smem_copy_O, taccOrO, taccOsO);
-    named_sync(kBarConsumers, kConsumerThreads);
-    fwd_impl::store_out_rows<Traits>(sO, ctidx, out_ptr, p.out_stride[1], m0, p.Q);
+    // O goes through shared memory (the item's Q buffer) so the global stores are 16-byte rows.
+    store_acc_rows<Traits>(acc_o, q_smem + qb * Traits::kQElems, ctidx, out_ptr, p.out_stride[1], m0, p.Q);
     it0 += n_tiles;
   }
 #elif defined(__CUDA_ARCH__)
