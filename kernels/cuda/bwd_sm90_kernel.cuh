@@ -15,6 +15,22 @@
 // - FlashAttention-3's ping-pong (the consumer warpgroups taking turns to issue S and dP through
 //   named barriers, as the forward does) lost in both kernels: dq 2.22 -> 2.52, dk/dv 2.42 -> 2.49;
 //   three dk/dv stages instead of two lost too (2.42 -> 2.60). Neither is built.
+// - dk/dv thread blocks in launch order by list tile, then program row, so that every program
+//   row's first tile (its smallest keys, which the most query blocks see) starts in the first
+//   wave and the light tiles fill the last one (longest first): dk/dv 2.38 -> 1.84 ms at T32k (the
+//   order by program row, then tile, left a last wave of heavy tiles). Harness T32k fwd+bwd 6.37
+//   -> 5.96 ms, B32k 6.04 -> 5.73, T8k 1.69 -> 1.27.
+// - dQ inside the dk/dv kernel (FlashAttention-3's way, for deterministic=False; session 11): dS^T
+//   to shared memory, dQ = dS K as a third wgmma (the two warpgroups taking 64 columns each), and
+//   its float32 block added to a zero-filled (B, H, Q, D) buffer, then converted to dq. It lost,
+//   because dQ's float32 additions (64 x 128 per step: 4.3 GB at T32k) cost more than the dq
+//   kernel's recomputation of S and dP: with one bulk reduce-add (cp.reduce.async.bulk) per
+//   warpgroup and step the kernel took 4.50 ms (3.68 without the reduce, 2.38 without dQ), plus
+//   0.29 ms for the conversion and 0.07 for the zero fill, against 2.22 + 2.38; red.global.add.v2
+//   from registers took 5.40 ms. Harness T32k fwd+bwd: 6.60 against 6.37 ms. Not built.
+// - The dq and dk/dv thread blocks in one launch (dk/dv blocks first), for the two last waves to
+//   overlap: ptxas spilled 250 bytes in the combined kernel (56 and 8 apart), and its tests did
+//   not finish on the H200 (a hang, not investigated). Not built.
 // tests/test_cuda_bwd.py passes on both sets of kernels; compute-sanitizer memcheck, racecheck and
 // synccheck are clean on five small LIST shapes (D 64 and 128, split and per-kv-head dk/dv,
 // per-head lists, a key mask, softcap).
@@ -439,11 +455,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  const int n_tile = blockIdx.x;
+  // Thread block: list tile blockIdx / programs of program row blockIdx % programs (longest first,
+  // see the top of this file).
   const int n_heads = p.dkdv_heads;
   const int progs_per_batch = p.H / n_heads;
-  const int b = int(blockIdx.y) / progs_per_batch;
-  const int h_out = int(blockIdx.y) % progs_per_batch;  // kv head, or query head (per-head lists, dkdv_part)
+  const int programs = p.B * progs_per_batch;
+  const int n_tile = int(blockIdx.x) / programs;
+  const int b = int(blockIdx.x) % programs / progs_per_batch;
+  const int h_out = int(blockIdx.x) % programs % progs_per_batch;  // kv head, or query head (per-head lists, dkdv_part)
   const int h0 = h_out * n_heads;
   const int tidx = threadIdx.x;
   const int off = p.K - p.Q;
@@ -744,9 +763,11 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool want_dq,
     constexpr int smem = DkdvTraits::kSmemBytes;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(dma_bwd_dkdv_sm90_kernel, MaxDynamicSharedMemorySize)");
-    const dim3 grid(unsigned((params.list_len + DkdvTraits::kBlockN - 1) / DkdvTraits::kBlockN),
-                    unsigned(params.B * (params.H / params.dkdv_heads)));
-    kernel<<<grid, DkdvTraits::kThreads, smem, stream>>>(params, tma_q, tma_do);
+    const int64_t blocks = (params.list_len + DkdvTraits::kBlockN - 1) / DkdvTraits::kBlockN * int64_t(params.B) *
+                           (params.H / params.dkdv_heads);
+    if (blocks >= (int64_t(1) << 31))
+      throw std::invalid_argument("the sm_90a dk/dv kernel takes fewer than 2^31 thread blocks");
+    kernel<<<unsigned(blocks), DkdvTraits::kThreads, smem, stream>>>(params, tma_q, tma_do);
     check_cuda(cudaGetLastError(), "dma_bwd_dkdv_sm90_kernel launch");
   }
 }
