@@ -19,7 +19,8 @@
 //   row's first tile (its smallest keys, which the most query blocks see) starts in the first
 //   wave and the light tiles fill the last one (longest first): dk/dv 2.38 -> 1.84 ms at T32k (the
 //   order by program row, then tile, left a last wave of heavy tiles). Harness T32k fwd+bwd 6.37
-//   -> 5.96 ms, B32k 6.04 -> 5.73, T8k 1.69 -> 1.27.
+//   -> 5.96 ms (6.03 in harness v11, where dense cuDNN also ran 3% slower than in v10), B32k 6.04
+//   -> 5.73 (5.71), T8k 1.69 -> 1.27 (1.45).
 // - dQ inside the dk/dv kernel (FlashAttention-3's way, for deterministic=False; session 11): dS^T
 //   to shared memory, dQ = dS K as a third wgmma (the two warpgroups taking 64 columns each), and
 //   its float32 block added to a zero-filled (B, H, Q, D) buffer, then converted to dq. It lost,
