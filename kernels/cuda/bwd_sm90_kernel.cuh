@@ -17,8 +17,9 @@
 //   three dk/dv stages instead of two lost too (2.42 -> 2.60). Neither is built.
 // - dk/dv thread blocks in launch order by list tile, then program row, so that every program
 //   row's first tile (its smallest keys, which the most query blocks see) starts in the first
-//   wave and the light tiles fill the last one (longest first): dk/dv 2.38 -> 1.84 ms at T32k (the
-//   order by program row, then tile, left a last wave of heavy tiles). Harness T32k fwd+bwd 6.37
+//   wave and the light tiles fill the last one (longest first; by program row, then tile, heavy
+//   tiles could start last): dk/dv 2.38 -> 1.84 ms at T32k (session 11, its numbers in
+//   benchmarks/results/bench-nvidia-h200-2026-11-29-v11.log). Harness T32k fwd+bwd 6.37
 //   -> 5.96 ms (6.03 in harness v11, where dense cuDNN also ran 3% slower than in v10), B32k 6.04
 //   -> 5.73 (5.71), T8k 1.69 -> 1.27 (1.45).
 // - dQ inside the dk/dv kernel (FlashAttention-3's way, for deterministic=False; session 11): dS^T
