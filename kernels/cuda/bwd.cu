@@ -32,10 +32,12 @@ __global__ void __launch_bounds__(kDeltaThreads) dma_bwd_delta_kernel(const BwdP
   const int64_t row = (int64_t(blockIdx.x) * kDeltaThreads + threadIdx.x) / lanes;  // (b, q, h) row-major
   const int sub = int(threadIdx.x) % lanes;
   float acc = 0.f;
+  int64_t delta_at = -1;  // this row's delta entry (B, H, Q), -1 past the last row
   if (row < rows) {
     const int h = int(row % p.H);
     const int q = int(row / p.H % p.Q);
     const int b = int(row / (int64_t(p.H) * p.Q));
+    delta_at = (int64_t(b) * p.H + h) * p.Q + q;
     const T2* o = reinterpret_cast<const T2*>(static_cast<const char*>(p.out) +
                                               2 * (b * p.out_stride[0] + q * p.out_stride[1] + h * p.out_stride[2]));
     const T2* d = reinterpret_cast<const T2*>(static_cast<const char*>(p.dout) +
@@ -53,12 +55,7 @@ __global__ void __launch_bounds__(kDeltaThreads) dma_bwd_delta_kernel(const BwdP
     }
   }
   for (int s = lanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (row < rows && sub == 0) {
-    const int h = int(row % p.H);
-    const int q = int(row / p.H % p.Q);
-    const int b = int(row / (int64_t(p.H) * p.Q));
-    p.delta[(int64_t(b) * p.H + h) * p.Q + q] = acc;
-  }
+  if (delta_at >= 0 && sub == 0) p.delta[delta_at] = acc;
 }
 
 void launch_delta(const BwdParams& p, cudaStream_t stream) {
