@@ -569,9 +569,7 @@ void selection_view(const AnyCuda& t, const char* name, int64_t B_s, int64_t H_s
 
 nb::tuple select_plan(int64_t rows, int64_t K, int bias_bits, int device, int64_t chunk) {
   if (rows < 0 || K < 0) throw std::invalid_argument("rows and K must be >= 0");
-  int sms = 0;
-  dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                           "cudaDeviceGetAttribute(MultiProcessorCount)");
+  const int sms = dmattn::cuda::device_sm_count(device);  // cached: a driver call otherwise
   const dmattn::cuda::SelectPlan plan = dmattn::cuda::select_plan(rows, K, bias_bits, sms, chunk);
   return nb::make_tuple(plan.chunk, plan.chunks, plan.workspace_bytes);
 }
@@ -612,9 +610,7 @@ void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::o
   if (workspace.device_id() != device) throw std::invalid_argument("workspace must be on bias's CUDA device");
   if (workspace.dtype() != nb::dtype<uint8_t>() || workspace.ndim() != 1 || !is_contiguous(workspace))
     throw nb::type_error("workspace must be a contiguous 1-D uint8 tensor");
-  int sms = 0;
-  dmattn::cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                           "cudaDeviceGetAttribute(MultiProcessorCount)");
+  const int sms = dmattn::cuda::device_sm_count(device);  // cached: a driver call otherwise
   const dmattn::cuda::SelectPlan plan = dmattn::cuda::select_plan(B_s * H_s, K, p.bias_bits, sms, chunk);
   if (workspace.nbytes() < plan.workspace_bytes)
     throw std::invalid_argument("workspace must hold at least " + std::to_string(plan.workspace_bytes) +
@@ -629,9 +625,13 @@ void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::o
   p.idx = static_cast<int32_t*>(idx.data());
   p.workspace = workspace.data();
   p.chunk = plan.chunk;
+  // One query block (decode, short calls): the compaction writes the counts itself, one launch
+  // fewer. select_lists launches nothing for an empty selection, so list_counts writes those.
+  const bool counts_with_list = counts && n_blocks == 1 && W > 0 && B_s * H_s > 0;
+  if (counts_with_list) p.row_counts = static_cast<int32_t*>(counts->data());
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dmattn::cuda::select_lists(p, s);
-  if (counts) {
+  if (counts && !counts_with_list) {
     dmattn::cuda::CountsParams c;
     c.idx = p.idx;
     c.counts = static_cast<int32_t*>(counts->data());

@@ -30,6 +30,10 @@ struct SelectParams {
   int32_t* idx = nullptr;   // (rows, W), contiguous
   void* workspace = nullptr;  // select_plan(...).workspace_bytes, uninitialised is fine
   int64_t chunk = 0;        // keys per thread block: select_plan(...).chunk
+  // Optional (rows,): each row's number of selected keys, written with the list. That is the LIST
+  // count of a call whose queries fit one query block (the block's last query is the last query,
+  // which sees every key, causal or not), so such a call needs no list_counts launch.
+  int32_t* row_counts = nullptr;
 };
 
 struct CountsParams {

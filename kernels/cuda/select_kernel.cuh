@@ -247,6 +247,7 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
   if (c == chunks - 1) {
     const long long n_kept = base.above + more + needed;
     for (long long s = n_kept + threadIdx.x; s < p.W; s += kThreads) out[s] = int32_t(p.K);
+    if (p.row_counts != nullptr && threadIdx.x == 0) p.row_counts[row] = int32_t(n_kept);
   }
 }
 
