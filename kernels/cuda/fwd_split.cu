@@ -58,7 +58,11 @@ constexpr int kMergeThreads = 128;
 // One thread block per partial row x = (b * H + h) * Q + i: the weights exp(m_s - M) of the
 // splits, their sum of row sums (warp 0, a fixed tree), and the weighted sum of the partial
 // outputs (threads own 4 columns of a group of splits; groups are added in order), so the result
-// does not depend on scheduling.
+// does not depend on scheduling. Every thread first issues the loads that do not depend on the
+// weights (its first kMergePrefetch partial outputs, its row max, warp 0 its row sum), so the
+// kernel waits on one memory round trip rather than one per phase.
+constexpr int kMergePrefetch = 8;
+
 __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(const FwdParams p, const FwdSplitLaunch s) {
   __shared__ float s_weight[kFwdSplitMaxSplits];
   __shared__ float s_max[kMergeThreads / 32];
@@ -69,41 +73,56 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
   const int tid = int(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
   const int D = p.D;
+  const int quads = D / 4;                 // float4 columns of a row
+  const int groups = kMergeThreads / quads;  // split groups (5 at D = 96: threads 120..127 idle)
+  const int c = tid % quads, grp = tid / quads;
+  auto part_o = [&](int sp) { return __ldg(reinterpret_cast<const float4*>(s.part_o + (sp * s.rows + x) * D) + c); };
 
-  float mx = -INFINITY;
-  for (int sp = tid; sp < s.splits; sp += kMergeThreads) mx = fmaxf(mx, s.part_m[sp * s.rows + x]);
+  float4 pre[kMergePrefetch];
+#pragma unroll
+  for (int k = 0; k < kMergePrefetch; ++k) {
+    const int sp = grp + k * groups;
+    pre[k] = grp < groups && sp < s.splits ? part_o(sp) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const float m_first = tid < s.splits ? __ldg(s.part_m + int64_t(tid) * s.rows + x) : -INFINITY;
+  const float l_first = warp == 0 && lane < s.splits ? __ldg(s.part_l + int64_t(lane) * s.rows + x) : 0.f;
+
+  float mx = m_first;
+  for (int sp = tid + kMergeThreads; sp < s.splits; sp += kMergeThreads) mx = fmaxf(mx, s.part_m[sp * s.rows + x]);
   for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   if (lane == 0) s_max[warp] = mx;
   __syncthreads();
   mx = s_max[0];
   for (int w = 1; w < kMergeThreads / 32; ++w) mx = fmaxf(mx, s_max[w]);
   const float m_use = mx == -INFINITY ? 0.f : mx;
-  for (int sp = tid; sp < s.splits; sp += kMergeThreads) {
+  if (tid < s.splits) s_weight[tid] = exp2f((m_first - m_use) * kLog2e);
+  for (int sp = tid + kMergeThreads; sp < s.splits; sp += kMergeThreads) {
     s_weight[sp] = exp2f((s.part_m[sp * s.rows + x] - m_use) * kLog2e);
   }
   __syncthreads();
 
   if (warp == 0) {
-    float sum = 0.f;
-    for (int sp = lane; sp < s.splits; sp += 32) sum = fmaf(s.part_l[sp * s.rows + x], s_weight[sp], sum);
+    float sum = lane < s.splits ? l_first * s_weight[lane] : 0.f;
+    for (int sp = lane + 32; sp < s.splits; sp += 32) sum = fmaf(s.part_l[sp * s.rows + x], s_weight[sp], sum);
     for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) s_total = sum;
   }
 
-  const int quads = D / 4;                 // float4 columns of a row
-  const int groups = kMergeThreads / quads;  // split groups (5 at D = 96: threads 120..127 idle)
-  const int c = tid % quads, grp = tid / quads;
   if (grp < groups) {
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int sp = grp; sp < s.splits; sp += groups) {
-      const float4 o = __ldg(reinterpret_cast<const float4*>(s.part_o + (sp * s.rows + x) * D) + c);
-      const float w = s_weight[sp];
+    auto add = [&](const float4& o, float w) {
       a.x = fmaf(o.x, w, a.x);
       a.y = fmaf(o.y, w, a.y);
       a.z = fmaf(o.z, w, a.z);
       a.w = fmaf(o.w, w, a.w);
+    };
+#pragma unroll
+    for (int k = 0; k < kMergePrefetch; ++k) {
+      const int sp = grp + k * groups;
+      if (sp < s.splits) add(pre[k], s_weight[sp]);
     }
+#pragma unroll 4
+    for (int sp = grp + kMergePrefetch * groups; sp < s.splits; sp += groups) add(part_o(sp), s_weight[sp]);
     reinterpret_cast<float4*>(s_out + grp * D)[c] = a;
   }
   __syncthreads();
