@@ -19,6 +19,13 @@
 // Workspace (bytes, select_plan): per pass and row a RowState {prefix, above}; two ping-pong
 // int32 histogram buffers of rows x C x 256 (pass p writes buffer p % 2 and reads the other); the
 // last pass's rows x C above-prefix counts.
+//
+// Measured and not built (H200, D128k: 8 rows of 131072 bf16 keys, w 2048; torch.profiler): the
+// three kernels take 7.0 + 8.2 + 10.1 us. One kernel per row as a thread-block cluster (keys held
+// in registers, histograms summed through distributed shared memory, cluster barriers instead of
+// launches, ballots and one block scan for the compaction) gave the same lists but took 25.7 us at
+// 8 blocks of 512 threads per row and 34.9 us at 16 (not profiled further); prefetching the keys
+// ahead of the histogram sums in these kernels changed nothing either.
 #pragma once
 
 #include <cub/block/block_exchange.cuh>
