@@ -76,11 +76,12 @@ class CudaBackend(Backend):
     def preferred(self, problem):
         """The windowed LIST calls that run the sm_90a kernels (H100/H200, head dim 64 or 128, a
         query-broadcast bias and mask, the global scope or no causal prefixes), where this backend
-        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v11 (bf16,
-        docs/performance.md), cuda against triton, ms: T8k fwd 0.255 / 0.380, fwd+bwd 1.45 / 1.99;
-        T32k fwd 1.33 / 1.42, fwd+bwd 6.03 / 7.70; B32k fwd 1.26 / 1.28, fwd+bwd 5.71 / 7.50; D128k
-        decode 0.098 / 0.219 eager (in a CUDA graph triton's 0.046 beats its 0.075). The visible
-        scope's PREFIX path, the sm_80 kernels and calls without a window stay behind triton."""
+        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v12 (bf16,
+        docs/performance.md), cuda against triton, ms: T8k fwd 0.251 / 0.437, fwd+bwd 1.48 / 2.07;
+        T32k fwd 1.32 / 1.40, fwd+bwd 5.89 / 7.75; B32k fwd 1.25 / 1.30, fwd+bwd 5.79 / 7.48; D128k
+        decode 0.072 / 0.296 eager (one call replayed as a CUDA graph: triton's 0.046 beats its
+        0.054). The visible scope's PREFIX path, the sm_80 kernels and calls without a window stay
+        behind triton."""
         p = problem
         if p.device.type != "cuda" or p.effective_window is None or p.ranks_prefixes or not p.query_broadcast:
             return False
