@@ -15,9 +15,11 @@ host gaps) and as a CUDA graph replay (about the GPU time):
 
 plus the splits the split forward used and how far its output is from the one-block kernel's.
 ``--q-sweep`` adds the two forwards alone at Q = 2, 4, 8, 16 on the D128k shape (where the split
-forward should stop being used: ``kFwdSplitMaxQ``). Needs no Triton. Runs in well under a minute.
+forward should stop being used: ``kFwdSplitMaxQ``). ``--kernels`` adds the GPU time of each kernel
+of one backend call (torch.profiler over eager calls, median per kernel, in launch order). Needs no
+Triton. Runs in well under a minute.
 
-    python benchmarks/cuda_decode.py [--json out.json] [--q-sweep] [--reps 50]
+    python benchmarks/cuda_decode.py [--json out.json] [--q-sweep] [--kernels] [--reps 50]
 """
 
 from __future__ import annotations
@@ -67,6 +69,26 @@ def _timed(fn, calls: int, reps: int) -> dict:
     return dict(eager_ms=round(eager, 5), graph_ms=round(replay, 5))
 
 
+def _kernel_times(fn, calls: int) -> list:
+    """The kernels one call of ``fn`` launches, in launch order, each with its median GPU time over
+    ``calls`` eager calls (torch.profiler)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_call = len(events) // calls
+    if per_call == 0 or per_call * calls != len(events):
+        return [dict(error=f"{len(events)} GPU events for {calls} calls: not the same kernels every call")]
+    return [dict(kernel=events[i].name[:160],
+                 us=round(statistics.median(events[c * per_call + i].time_range.elapsed_us() for c in range(calls)), 2))
+            for i in range(per_call)]
+
+
 @contextlib.contextmanager
 def _split_decode(on: bool):
     from dmattn import cuda_ext
@@ -95,6 +117,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write every number here")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--q-sweep", action="store_true", help="also time both forwards at Q = 2, 4, 8, 16 (D128k shape)")
+    ap.add_argument("--kernels", action="store_true", help="also the GPU time of each kernel of one backend call")
     ap.add_argument("--calls", type=int, default=20, help="calls per timed loop")
     ap.add_argument("--reps", type=int, default=30, help="timed loops per row (median)")
     args = ap.parse_args()
@@ -139,6 +162,8 @@ def main() -> int:
             row["sdpa dense"] = _timed(sdpa, **kw)
         except (RuntimeError, TypeError) as exc:  # enable_gqa needs torch >= 2.5
             row["sdpa dense"] = dict(skipped=str(exc)[:200])
+        if args.kernels:
+            row["kernels of backend split"] = _kernel_times(backend, args.calls)
         split_out, _ = cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts)
         block_out, _ = cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts, splits=0)
         row["max |split - one-block|"] = _diff(split_out, block_out)
@@ -150,6 +175,10 @@ def main() -> int:
                 print(f"  {key:<20} eager {val['eager_ms']:8.4f} ms   graph {val['graph_ms']:8.4f} ms")
             elif isinstance(val, dict):
                 print(f"  {key:<20} skipped: {val['skipped']}")
+            elif isinstance(val, list):
+                print(f"  {key}:")
+                for kern in val:
+                    print(f"    {kern.get('us', float('nan')):8.1f} us  {kern.get('kernel', kern.get('error'))[:100]}")
         del q, k, v, bias, idx, counts
         torch.cuda.empty_cache()
 
