@@ -86,12 +86,14 @@ def _patch_cuda():
     from dmattn.backends import cuda as cuda_backend
 
     fake = types.SimpleNamespace(
-        fwd=_like_nanobind, bwd=_like_nanobind, select_lists=_like_nanobind,
+        fwd=_like_nanobind, bwd=_like_nanobind, select_lists=_like_nanobind, decode=_like_nanobind,
         list_counts=_like_nanobind, select_plan=lambda rows, K, bits, dev, chunk: (8192, 16, 1 << 20),
+        decode_plan=lambda B, Q, H, H_kv, D, B_s, H_s, K, window, bits, dev: (32, 2 << 20),
         fwd_block_m=lambda d: 64, bwd_dq_block_m=lambda d: 64,
         info=lambda: {"fwd_head_dims": "64 128", "bwd_head_dims": "64 128"})
     cuda_ext._cuda = fake
     cuda_ext._select_plan.cache_clear()
+    cuda_ext._decode_plan.cache_clear()
     b = BACKENDS["cuda"]
     b.device_types = frozenset({"cuda", "cpu"})
     b.head_dims = frozenset({64, 128})

@@ -2,12 +2,15 @@
 ``dmattn.cuda_ext.forward``) against the float64 reference: few queries (Q <= 16), LIST and DENSE
 keys, GQA/MQA, odd lengths, softcap, every bias and mask broadcast form, empty rows, both dtypes,
 every built head dim, forced split counts (one split writes out itself; uneven splits are merged),
-determinism, the backend taking it, and CUDA graph capture. GPU only: skipped without a CUDA device
-or without a module that has the split forward.
+determinism, the backend taking it, and CUDA graph capture. Then the same forward with its
+selection in one call (``cuda_ext.decode``: the select and split kernels as one chain that overlaps
+its launches, launch.h): against the reference and bitwise against the two-call path, over the
+same shapes and forms, after kernels that rewrite its inputs, and when it declines. GPU only:
+skipped without a CUDA device or without a module that has the split forward.
 
-Every call records the splits the module ran (``_cuda.fwd`` returns them), so a test cannot pass
-on the one-block-per-query-block kernel by accident. Outputs start as NaN (and so does the
-workspace, through ``DMATTN_POISON_OUTPUTS``), so an element nobody writes fails.
+Every call records the splits the module ran (``_cuda.fwd`` and ``_cuda.decode`` return them), so
+a test cannot pass on the one-block-per-query-block kernel by accident. Outputs start as NaN (and
+so does the workspace, through ``DMATTN_POISON_OUTPUTS``), so an element nobody writes fails.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ DTYPES = (torch.float16, torch.bfloat16)
 
 
 class _Spy:
-    """``dmattn._cuda`` with ``fwd`` recording the splits each call ran (0: not the split forward)."""
+    """``dmattn._cuda`` with ``fwd`` and ``decode`` recording the splits each call ran (0: not the
+    split forward), and ``calls`` the names of those called."""
 
     def __init__(self, module):
         self._module = module
         self.runs: list[int] = []
+        self.calls: list[str] = []
 
     def __getattr__(self, name):
         return getattr(self._module, name)
@@ -43,6 +48,13 @@ class _Spy:
     def fwd(self, *args, **kwargs):
         n = self._module.fwd(*args, **kwargs)
         self.runs.append(int(n))
+        self.calls.append("fwd")
+        return n
+
+    def decode(self, *args, **kwargs):
+        n = self._module.decode(*args, **kwargs)
+        self.runs.append(int(n))
+        self.calls.append("decode")
         return n
 
 
@@ -231,6 +243,7 @@ def test_backend_takes_the_split_path(split_decode):
                                         backend="cuda")
     torch.cuda.synchronize()
     assert len(spy.runs) == 1 and (spy.runs[0] > 1 if split_decode else spy.runs[0] == 0), spy.runs
+    assert spy.calls == ["decode" if split_decode else "fwd"], spy.calls
     opts = dict(window=2048, topk_scope="global")
     truth = reference.attention(q.double(), k.double(), v.double(), bias.double(), None, **opts)
     low = reference.attention(q, k, v, bias, None, **opts)
@@ -257,7 +270,7 @@ def test_cuda_graph_capture_decode():
     graph = torch.cuda.CUDAGraph()
     with _spy() as spy, torch.cuda.graph(graph):
         captured = step()
-    assert spy.runs and spy.runs[0] > 1, spy.runs
+    assert spy.runs and spy.runs[0] > 1 and spy.calls == ["decode"], (spy.runs, spy.calls)
 
     fresh = make_inputs(case, torch.bfloat16, "cuda", seed=7)
     for dst, src in zip((q, k, v, bias), fresh):
@@ -299,3 +312,192 @@ def test_built_head_dims_have_the_split_forward():
         ref_out, ref_lse = reference.attention(q.double(), k.double(), k.double(), None, None)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- cuda_ext.decode
+
+
+def _decode(case: Case, dtype, *, inputs=None, bias_dtype=None, seed: int = 0):
+    """Runs ``cuda_ext.decode`` on a LIST case, checks out and lse against the reference and
+    bitwise against ``list_selection`` + ``forward`` (the same kernels in two calls, so the same
+    bits). Returns ``(out, lse)``."""
+    _need_head_dim(case.D)
+    q, k, v, bias, mask = inputs if inputs is not None else make_inputs(case, dtype, "cuda", seed, bias_dtype)
+    out = torch.full((case.B, case.Q, case.H, case.D), math.nan, dtype=dtype, device="cuda")
+    lse = torch.full((case.B, case.H, case.Q), math.nan, dtype=torch.float32, device="cuda")
+    with _spy() as spy:
+        got = cuda_ext.decode(q, k, v, bias, mask, window=case.window, softcap=case.softcap, is_causal=case.causal,
+                              out=out, lse=lse)
+    torch.cuda.synchronize()
+    assert got is not None and got[0] is out and got[1] is lse
+    assert spy.calls == ["decode"] and spy.runs[0] > 0, (spy.calls, spy.runs)
+
+    idx, counts = cuda_ext.list_selection(bias, mask, window=case.window, Q=case.Q, head_dim=case.D,
+                                          is_causal=case.causal)
+    two_out, two_lse = cuda_ext.forward(q, k, v, bias, None, softcap=case.softcap, is_causal=case.causal, idx=idx,
+                                        counts=counts)
+    assert torch.equal(out, two_out) and torch.equal(lse, two_lse), f"[{case}] decode differs from select + forward"
+
+    opts = dict(window=case.window, topk_scope="global", is_causal=case.causal, softcap=case.softcap)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = reference.attention(f64(q), f64(k), f64(v), f64(bias), mask, **opts)
+    low = reference.attention(q, k, v, bias, mask, **opts)
+    assert_close_to_reference((out, lse), low, truth, dtype, label=f"[decode {case} {dtype}] ")
+    return out, lse
+
+
+@pytest.mark.parametrize("HH", [(8, 8), (8, 2), (32, 8), (8, 1)], ids=lambda h: f"H{h[0]}-Hkv{h[1]}")
+@pytest.mark.parametrize("Q", [1, 3, 8])
+def test_decode_queries_and_groups(Q, HH):
+    H, H_kv = HH
+    if Q * H // H_kv > 32:
+        pytest.skip("more than 32 query rows per kv head: decode declines (test_decode_declines)")
+    _decode(Case(B=2, Q=Q, K=1000, H=H, H_kv=H_kv, D=128, window=100, scope="global"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("window", [1, 64, 999, 4096])
+@pytest.mark.parametrize("K", [1000, 4097, 20000])
+def test_decode_lengths_and_windows(K, window):
+    if window >= K:
+        pytest.skip("window >= K keeps every key: no selection")
+    _decode(Case(B=2, Q=1, K=K, H=8, H_kv=2, D=128, window=window, scope="global"), torch.float16)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Q", [2, 7])
+def test_decode_causal(Q, causal):
+    _decode(Case(B=2, Q=Q, K=301, H=8, H_kv=2, D=64, window=50, scope="global", causal=causal), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+def test_decode_head_dims(D, dtype):
+    _decode(Case(B=2, Q=1, K=777, H=8, H_kv=2, D=D, window=200, scope="global"), dtype)
+
+
+def test_decode_softcap():
+    _decode(Case(B=2, Q=3, K=500, H=8, H_kv=2, D=128, window=40, scope="global", softcap=5.0), torch.float16)
+
+
+@pytest.mark.parametrize("form", ["b_hkv_1", "1_hkv_1", "b_h_1", "1_1_1"])
+def test_decode_bias_forms(form):
+    _decode(Case(B=2, Q=2, K=333, H=8, H_kv=2, D=64, bias=form, window=70, scope="global"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_decode_bias_dtypes(bias_dtype):
+    """16-, 32- and 64-bit selection keys (two, four and eight radix passes in the chain)."""
+    _decode(Case(B=2, Q=1, K=5000, H=8, H_kv=2, D=128, window=90, scope="global"), torch.bfloat16,
+            bias_dtype=bias_dtype)
+
+
+def test_decode_ties():
+    """Biases of three values: the kept keys equal to the threshold are the earliest ones."""
+    _decode(Case(B=2, Q=1, K=9000, H=8, H_kv=2, D=64, window=1000, scope="global", ties=True), torch.bfloat16,
+            bias_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mask", ["b_hkv_1", "1_1_1", "b_h_1"])
+def test_decode_mask_with_empty_rows(mask):
+    case = Case(B=2, Q=2, K=500, H=8, H_kv=2, D=128, mask=mask, window=60, scope="global")
+    q, k, v, bias, m = make_inputs(case, torch.float16, "cuda")
+    m[-1, 0] = False
+    out, lse = _decode(case, torch.float16, inputs=(q, k, v, bias, m))
+    heads = case.H // m.shape[1]
+    batches = [1] if m.shape[0] == 2 else [0, 1]
+    assert torch.isneginf(lse[batches, :heads]).all() and (out[batches, :, :heads] == 0).all()
+
+
+def test_decode_workload_shape():
+    """D128k's shape (H=32, H_kv=8, D=128, w=2048, bf16, Q=1) at K=131072."""
+    _decode(Case(B=1, Q=1, K=131072, H=32, H_kv=8, D=128, window=2048, scope="global"), torch.bfloat16)
+
+
+def test_decode_after_kernels_that_write_its_inputs():
+    """Each call follows kernels that rewrite q, k, v and bias in place: the chain's first kernel
+    must wait for them (only the later ones overlap their predecessor, launch.h)."""
+    case = Case(B=1, Q=1, K=65536, H=32, H_kv=8, D=128, window=2048, scope="global")
+    _need_head_dim(case.D)
+    q, k, v, bias, _ = (t.clone() if t is not None else None for t in make_inputs(case, torch.bfloat16, "cuda"))
+    for seed in (1, 2, 3):
+        fresh = make_inputs(case, torch.bfloat16, "cuda", seed=seed)
+        for dst, src in zip((q, k, v, bias), fresh):
+            dst.copy_(src)
+        out, lse = cuda_ext.decode(q, k, v, bias, None, window=2048)
+        truth = reference.attention(q.double(), k.double(), v.double(), bias.double(), None, window=2048,
+                                    topk_scope="global")
+        low = reference.attention(q, k, v, bias, None, window=2048, topk_scope="global")
+        assert_close_to_reference((out, lse), low, truth, torch.bfloat16, label=f"[seed {seed}] ")
+
+
+def test_decode_deterministic():
+    case = Case(B=2, Q=1, K=5000, H=32, H_kv=8, D=128, window=2048, scope="global")
+    _need_head_dim(case.D)
+    q, k, v, bias, _ = make_inputs(case, torch.bfloat16, "cuda")
+    runs = [cuda_ext.decode(q, k, v, bias, None, window=2048) for _ in range(3)]
+    for out, lse in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+
+
+def test_decode_same_bits_without_overlapping_launches():
+    """``set_pdl_enabled(False)`` launches every kernel of the chain plainly: the same bits."""
+    if not cuda_ext.has_pdl_switch():
+        pytest.skip("module without the overlapping-launch switch")
+    case = Case(B=2, Q=2, K=20000, H=16, H_kv=4, D=128, window=1500, scope="global", causal=True)
+    _need_head_dim(case.D)
+    q, k, v, bias, _ = make_inputs(case, torch.bfloat16, "cuda")
+    on = cuda_ext.decode(q, k, v, bias, None, window=1500, is_causal=True)
+    try:
+        cuda_ext.set_pdl_enabled(False)
+        assert not cuda_ext.pdl_enabled()
+        off = cuda_ext.decode(q, k, v, bias, None, window=1500, is_causal=True)
+    finally:
+        cuda_ext.set_pdl_enabled(True)
+    assert cuda_ext.pdl_enabled()
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+
+
+@pytest.mark.parametrize("why", ["window>=K", "per-query-bias", "per-query-mask", "no-bias", "too-many-rows",
+                                 "SPLIT_DECODE-off"])
+def test_decode_declines(why):
+    """Calls off its path: None, and nothing launched (the spy sees no module call)."""
+    _need_head_dim(64)
+    Q = 5 if why == "too-many-rows" else 1  # 5 queries x 8 heads per kv head = 40 rows > 32
+    q = torch.randn(1, Q, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 100, 1, 64, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, 1, Q if why == "per-query-bias" else 1, 100, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, Q, 100, device="cuda", dtype=torch.bool) if why == "per-query-mask" else None
+    if why == "per-query-mask":
+        q = q.expand(1, 2, 8, 64).contiguous()
+        mask = torch.ones(1, 1, 2, 100, device="cuda", dtype=torch.bool)
+    window = 100 if why == "window>=K" else 10
+    with _spy() as spy, mock.patch.object(cuda_ext, "SPLIT_DECODE", why != "SPLIT_DECODE-off"):
+        got = cuda_ext.decode(q, k, k, None if why == "no-bias" else bias, mask, window=window)
+    assert got is None and spy.calls == [], spy.calls
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(window=0), ["window", ">= 1"]),
+    (dict(window=40), ["window < K"]),
+    (dict(splits=0), ["splits", "256"]),
+    (dict(workspace=7), ["workspace", "at least"]),
+    (dict(Q=17), ["Q <= 16", "17"]),
+    (dict(bias_heads=3), ["bias"]),
+], ids=["window-zero", "window-all-keys", "no-splits", "small-workspace", "too-many-queries", "bias-heads"])
+def test_decode_errors_name_the_argument(bad, words):
+    _need_head_dim(64)
+    Q = bad.get("Q", 1)
+    q = torch.randn(1, Q, 2, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 40, 1, 64, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, bad.get("bias_heads", 1), 1, 40, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, Q, device="cuda")
+    workspace = torch.empty(bad.get("workspace", 1 << 20), device="cuda", dtype=torch.uint8)
+    from dmattn.backends.base import dlpack
+
+    with pytest.raises(ValueError) as err:
+        cuda_ext._cuda.decode(*dlpack(q, k, k, bias, None, out, lse, workspace), window=bad.get("window", 10),
+                              scale=0.125, softcap=0.0, causal=False, splits=bad.get("splits", 2),
+                              stream=cuda_ext.current_stream(q.device))
+    for w in words:
+        assert w in str(err.value), f"{w!r} not in {err.value!s}"

@@ -7,6 +7,7 @@
 #include "check.h"
 #include "fwd.h"
 #include "fwd_split.h"
+#include "launch.h"
 #include "switch.h"
 #include "tiles.h"
 
@@ -22,11 +23,15 @@ namespace {
 // Off sends every call to the sm_80 kernel (A/B measurements, a fallback).
 std::atomic<bool> g_sm90_enabled{true};
 
-// Compute capability (10 * major + minor) per device ordinal, 0 until first read: the dispatch runs
-// on every call, and a device attribute query is a driver call. Concurrent first reads store the
-// same value, so relaxed atomics suffice.
+}  // namespace
+
+// Compute capability (10 * major + minor) per device ordinal, 0 until first read: the dispatch (and
+// launch.h's PDL check) runs on every call, and a device attribute query is a driver call.
+// Concurrent first reads store the same value, so relaxed atomics suffice.
+namespace {
 constexpr int kMaxDevices = 64;
 std::atomic<int> g_capability[kMaxDevices];
+}  // namespace
 
 int device_capability(int device) {
   if (device < 0 || device >= kMaxDevices) return 0;
@@ -43,7 +48,19 @@ int device_capability(int device) {
   return cc;
 }
 
+namespace {
+std::atomic<bool> g_pdl_enabled{true};
 }  // namespace
+
+void set_pdl_enabled(bool enabled) { g_pdl_enabled.store(enabled, std::memory_order_relaxed); }
+bool pdl_enabled() { return g_pdl_enabled.load(std::memory_order_relaxed); }
+
+bool pdl_available() {
+  if (!pdl_enabled()) return false;
+  int device = -1;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device_capability(device) >= 90;
+}
 
 void set_fwd_sm90_enabled(bool enabled) { g_sm90_enabled.store(enabled, std::memory_order_relaxed); }
 bool fwd_sm90_enabled() { return g_sm90_enabled.load(std::memory_order_relaxed); }

@@ -11,6 +11,7 @@
 #include "check.h"
 #include "fwd.h"
 #include "fwd_split.h"
+#include "launch.h"
 #include "switch.h"
 #include "tiles.h"
 
@@ -69,6 +70,8 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
   __shared__ float s_total;
   __shared__ __align__(16) float s_out[kMergeThreads * 4];
 
+  pdl_launch_next();
+  pdl_wait();  // the partials are the split kernel's output
   const int64_t x = blockIdx.x;
   const int tid = int(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
@@ -184,7 +187,7 @@ int64_t fwd_split_workspace(int64_t B, int64_t Q, int64_t H, int head_dim, int s
   return int64_t(splits) * B * H * Q * (head_dim + 2);
 }
 
-int fwd_split(const FwdParams& p, cudaStream_t stream) {
+int fwd_split(const FwdParams& p, cudaStream_t stream, bool inputs_ready) {
   if (p.splits < 1 || p.splits > kFwdSplitMaxSplits)
     throw std::invalid_argument("splits must be in 1.." + std::to_string(kFwdSplitMaxSplits));
   if (p.Q > kFwdSplitMaxQ)
@@ -207,13 +210,14 @@ int fwd_split(const FwdParams& p, cudaStream_t stream) {
   s.part_o = p.split_workspace;
   s.part_m = s.part_o + int64_t(s.splits) * s.rows * p.D;
   s.part_l = s.part_m + int64_t(s.splits) * s.rows;
+  s.inputs_ready = inputs_ready;
 
   head_dim_switch(p.D, [&](auto hd) {
     dtype_switch(p.dtype, [&](auto dt) { launch_fwd_split<decltype(dt)::value, decltype(hd)::value>(p, s, stream); });
   });
   if (s.splits > 1) {
-    dma_fwd_split_merge_kernel<<<unsigned(s.rows), kMergeThreads, 0, stream>>>(p, s);
-    check_cuda(cudaGetLastError(), "dma_fwd_split_merge_kernel launch");
+    launch_kernel(dma_fwd_split_merge_kernel, dim3(unsigned(s.rows)), dim3(kMergeThreads), stream, pdl_available(),
+                  "dma_fwd_split_merge_kernel launch", p, s);
   }
   return s.splits;
 }

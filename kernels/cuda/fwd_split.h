@@ -45,12 +45,17 @@ struct FwdSplitLaunch {
   float* part_o = nullptr;  // (splits, rows, D)
   float* part_m = nullptr;  // (splits, rows): row max of the split's scores, -inf when it saw no key
   float* part_l = nullptr;  // (splits, rows): sum of exp(score - max) over the split's keys
+  // q was complete before the first kernel of this launch's chain started (the decode binding runs
+  // the select and this forward as one chain): the split kernel then loads it before waiting for the
+  // kernel ahead of it (launch.h). Otherwise it waits first.
+  bool inputs_ready = false;
 };
 
 // Runs the split forward of `params` (params.splits > 0) on `stream`: the split kernel, then the
 // merge unless one split is left. Returns the splits it ran. Throws std::invalid_argument for an
-// unsupported head dim or dtype. No allocation, no synchronisation.
-int fwd_split(const FwdParams& params, cudaStream_t stream);
+// unsupported head dim or dtype. No allocation, no synchronisation. Both kernels overlap the
+// kernel before them (launch.h); `inputs_ready`: FwdSplitLaunch::inputs_ready.
+int fwd_split(const FwdParams& params, cudaStream_t stream, bool inputs_ready = false);
 
 // Defined per head dim in the generated translation units (switch.h, DMATTN_INSTANTIATE_FWD_SPLIT).
 template <DType kDType, int kHeadDim>

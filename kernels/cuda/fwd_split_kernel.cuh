@@ -16,8 +16,11 @@
 // two steps), so every SM fetches the executed code once from L2 and waits on it (ncu, H200, D128k:
 // "no instruction" 47% of the stalls, 8416 SASS instructions for bf16 D = 128). Hence the
 // block-uniform branch between the short common scoring (one bias/mask row per block, no softcap)
-// and the general one, and the rows' causal limits in shared memory: 21.3 -> 12.3 us at D128k
-// (torch.profiler), the forward with its merge 24.7 -> 17.6 us in a CUDA graph.
+// and the general one: 21.3 -> 12.1 us at D128k (torch.profiler). Then the rows' heads, queries,
+// bias/mask offsets and causal limits worked out once per row into shared memory (the prologue's
+// divisions, 64-bit ones among them, were ~900 instructions), and list entries and bias values
+// loaded without being looked at until they are used (each was waited for under its own branch):
+// 4176 instructions, 12.1 -> 8.2 us.
 //
 // Row max and sums are in natural units as in fwd_kernel.cuh (lse = max + log(sum)); a row that saw
 // no key keeps max = -inf and sum 0, shifts by 0 (no NaN) and ends as out 0, lse -inf.
@@ -32,6 +35,7 @@
 #include "check.h"
 #include "elements.cuh"
 #include "fwd_split.h"
+#include "launch.h"
 #include "tiles.h"
 
 namespace dmattn {
@@ -117,9 +121,13 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   __shared__ float s_max[kWarps][kRows];
   __shared__ float s_sum[kWarps][kRows];
   __shared__ int s_limit[kRows];
+  __shared__ int s_head[kRows], s_query[kRows];
+  __shared__ int64_t s_bias_row[kRows], s_mask_row[kRows];
   static_assert(sizeof(float) * kWarps * kRows * kHeadDim <= sizeof(s_kv), "merge buffer fits in the stages");
   float(&s_out)[kWarps][kRows][kHeadDim] = *reinterpret_cast<float(*)[kWarps][kRows][kHeadDim]>(&s_kv[0][0][0][0]);
 
+  pdl_launch_next();
+  if (!s.inputs_ready) pdl_wait();  // else after loading q, before the list (launch.h)
   const int tid = int(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -137,20 +145,29 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
 
   // Row r of the block: head h0 + (r0 + r) / Q, query (r0 + r) % Q. Rows past n_rows repeat the
-  // last one (valid addresses) and are masked out.
-  auto row_head = [&](int r) { return h0 + (r0 + min(r, n_rows - 1)) / p.Q; };
-  auto row_query = [&](int r) { return (r0 + min(r, n_rows - 1)) % p.Q; };
+  // last one (valid addresses) and are masked out. Thread r works out row r once: its head, query,
+  // bias and mask offsets and the last key it may see (-1 past n_rows), which the block then reads
+  // from shared memory. Computed by every thread for every row, the divisions made the prologue
+  // ~900 instructions, each fetched once per SM (the kernel's blocks run two loop steps).
+  if (tid < kRows) {
+    const int rr = r0 + min(tid, n_rows - 1);
+    const int h = h0 + rr / p.Q, i = rr % p.Q;
+    // Head h reads bias (mask) head h * heads / H, in 32 bits (H <= 65535, checked by the binding).
+    const auto head_of = [&](int heads) { return int64_t(unsigned(h) * unsigned(heads) / unsigned(p.H)); };
+    s_head[tid] = h;
+    s_query[tid] = i;
+    s_bias_row[tid] = b * p.bias_stride[0] + head_of(p.bias_heads) * p.bias_stride[1] + int64_t(i) * p.bias_stride[2];
+    s_mask_row[tid] = b * p.mask_stride[0] + head_of(p.mask_heads) * p.mask_stride[1] + int64_t(i) * p.mask_stride[2];
+    s_limit[tid] = tid >= n_rows ? -1 : p.causal ? i + off : p.K - 1;
+  }
+  __syncthreads();
+  auto row_head = [&](int r) { return s_head[r]; };
+  auto row_query = [&](int r) { return s_query[r]; };
   // Bias and mask offsets of a row. When every row of the block reads the same one (a
   // query-broadcast bias of one head for all of them), one load per key serves all rows, issued a
   // step ahead like the K/V rows; otherwise each row loads its own when its scores are formed.
-  auto bias_row = [&](int r) {
-    return b * p.bias_stride[0] + int64_t(row_head(r)) * p.bias_heads / p.H * p.bias_stride[1] +
-           int64_t(row_query(r)) * p.bias_stride[2];
-  };
-  auto mask_row = [&](int r) {
-    return b * p.mask_stride[0] + int64_t(row_head(r)) * p.mask_heads / p.H * p.mask_stride[1] +
-           int64_t(row_query(r)) * p.mask_stride[2];
-  };
+  auto bias_row = [&](int r) { return s_bias_row[r]; };
+  auto mask_row = [&](int r) { return s_mask_row[r]; };
   const bool has_bias = p.bias != nullptr;
   const bool has_mask = p.mask != nullptr;
   const int64_t bias_row0 = has_bias ? bias_row(0) : 0;
@@ -161,11 +178,6 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     bias_per_row = bias_per_row || (has_bias && bias_row(r) != bias_row0);
     mask_per_row = mask_per_row || (has_mask && mask_row(r) != mask_row0);
   }
-
-  // The last key each row may see (-1 for the rows past n_rows), read from shared memory in the
-  // loop rather than recomputed there (a division by Q per key and row otherwise).
-  if (tid < kRows) s_limit[tid] = tid >= n_rows ? -1 : p.causal ? row_query(tid) + off : p.K - 1;
-  __syncthreads();
   const bool general = bias_per_row || mask_per_row || p.softcap > 0.f;
 
   // The stretch of the list (or of the keys) this split walks. The per-block counts are not read:
@@ -198,6 +210,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     unpack8<kDType>(raw, q[r]);
   }
 
+  if (s.inputs_ready) pdl_wait();  // the list is the previous kernel's output
+
   float row_max[kRows], row_sum[kRows], acc[kRows][8];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -207,35 +221,35 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
   }
 
-  // This lane's key of unroll step u of the step at list position `base`, or -1 (past the
-  // stretch, or outside 0..K-1).
+  // This lane's list entry of unroll step u of the step at list position `base` (its key; -1 past
+  // the stretch), loaded and not looked at: issue() checks it two steps later, so the loads of a
+  // step are in flight together instead of each being waited for under its bounds test (ncu,
+  // H200, D128k: one memory round trip per entry, then one per bias value).
   const int lane_first = warp * kSlots + slot;
   auto load_keys = [&](int64_t base, int (&keys)[kUnroll]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t pos = base + u * kWarps * kSlots + lane_first;
-      int key = -1;
-      if (pos < end) {
-        key = list != nullptr ? __ldg(list + pos) : int(pos);
-        if (key < 0 || key >= p.K) key = -1;
-      }
-      keys[u] = key;
+      keys[u] = pos >= end ? -1 : list != nullptr ? __ldg(list + pos) : int(pos);
     }
   };
-  // Issues a step: its K/V rows into `stage`, and (in registers) the bias value and mask bit each
-  // key has for every row of the block. A masked key keeps its rows (they are loaded anyway).
-  auto issue = [&](int stage, const int (&keys)[kUnroll], float (&key_bias)[kUnroll], unsigned& key_ok) {
+  // Issues a step: its keys checked (outside 0..K-1, padding included: -1), their K/V rows into
+  // `stage`, and (in registers) the bias bits (load_bits) and mask bit each key has for every row
+  // of the block. A masked key keeps its rows (they are loaded anyway).
+  auto issue = [&](int stage, int (&keys)[kUnroll], uint32_t (&key_bits)[kUnroll], unsigned& key_ok) {
     key_ok = 0;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const bool valid = keys[u] >= 0 && has_dims;
+      if (keys[u] >= p.K) keys[u] = -1;
+      const bool ok_key = keys[u] >= 0;
+      const bool valid = ok_key && has_dims;
       cp_async16(&s_kv[stage][0][u][tid], valid ? k_ptr + keys[u] * p.k_stride[1] : k_ptr, valid);
       cp_async16(&s_kv[stage][1][u][tid], valid ? v_ptr + keys[u] * p.v_stride[1] : v_ptr, valid);
-      key_bias[u] = 0.f;
-      bool ok = keys[u] >= 0;
-      if (ok && has_bias && !bias_per_row) {
-        key_bias[u] = load_float(p.bias, p.bias_dtype, bias_row0 + keys[u] * p.bias_stride[3]);
+      key_bits[u] = 0;  // bias 0 in every dtype
+      if (has_bias && !bias_per_row) {  // block-uniform; key 0 stands in for a missing key
+        key_bits[u] = load_bits(p.bias, p.bias_dtype, bias_row0 + (ok_key ? keys[u] : 0) * p.bias_stride[3]);
       }
+      bool ok = ok_key;
       if (ok && has_mask && !mask_per_row) ok = __ldg(p.mask + mask_row0 + keys[u] * p.mask_stride[3]) != 0;
       key_ok |= unsigned(ok) << u;
     }
@@ -249,18 +263,18 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   // Pipeline: step t computes from one stage while step t + 1's rows arrive in the other, and
   // step t + 2's list entries are read.
   int keys[kUnroll], next_keys[kUnroll];
-  float key_bias[kUnroll];
+  uint32_t key_bits[kUnroll];
   unsigned key_ok = 0;
   load_keys(begin, keys);
-  if (begin < end) issue(0, keys, key_bias, key_ok);
+  if (begin < end) issue(0, keys, key_bits, key_ok);
   load_keys(begin + kStep, next_keys);
   int stage = 0;
 
   for (int64_t base = begin; base < end; base += kStep) {
     const bool more = base + kStep < end;
-    float next_bias[kUnroll];
+    uint32_t next_bits[kUnroll];
     unsigned next_ok = 0;
-    if (more) issue(stage ^ 1, next_keys, next_bias, next_ok);
+    if (more) issue(stage ^ 1, next_keys, next_bits, next_ok);
     int later_keys[kUnroll];
     load_keys(base + 2 * kStep, later_keys);
     if (more) {
@@ -300,9 +314,10 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const bool ok = (key_ok >> u) & 1u;
+        const float key_bias = bits_to_float(key_bits[u], p.bias_dtype);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          sc[u][r] = ok && keys[u] <= s_limit[r] ? fmaf(sc[u][r], scale, key_bias[u]) : -INFINITY;
+          sc[u][r] = ok && keys[u] <= s_limit[r] ? fmaf(sc[u][r], scale, key_bias) : -INFINITY;
         }
       }
     } else {
@@ -314,7 +329,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
           float x = softcap > 0.f ? softcap * tanhf(sc[u][r] * scale_over_cap) : sc[u][r] * scale;
           bool visible = ((key_ok >> u) & 1u) && key <= s_limit[r];
           if (visible && has_bias) {
-            x += bias_per_row ? load_float(p.bias, p.bias_dtype, bias_row(r) + key * p.bias_stride[3]) : key_bias[u];
+            x += bias_per_row ? load_float(p.bias, p.bias_dtype, bias_row(r) + key * p.bias_stride[3])
+                              : bits_to_float(key_bits[u], p.bias_dtype);
           }
           if (visible && mask_per_row) visible = __ldg(p.mask + mask_row(r) + key * p.mask_stride[3]) != 0;
           sc[u][r] = visible ? x : -INFINITY;
@@ -357,7 +373,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     for (int u = 0; u < kUnroll; ++u) {
       keys[u] = next_keys[u];
       next_keys[u] = later_keys[u];
-      key_bias[u] = next_bias[u];
+      key_bits[u] = next_bits[u];
     }
     key_ok = next_ok;
     stage ^= 1;
@@ -430,8 +446,8 @@ template <DType kDType, int kHeadDim>
 void launch_fwd_split(const FwdParams& params, const FwdSplitLaunch& launch, cudaStream_t stream) {
   using Traits = split_impl::SplitTraits<kHeadDim>;
   const dim3 grid(unsigned(launch.row_tiles * launch.splits), unsigned(params.H / launch.heads), unsigned(params.B));
-  split_impl::dma_fwd_split_kernel<kDType, Traits><<<grid, Traits::kThreads, 0, stream>>>(params, launch);
-  check_cuda(cudaGetLastError(), "dma_fwd_split_kernel launch");
+  launch_kernel(split_impl::dma_fwd_split_kernel<kDType, Traits>, grid, dim3(Traits::kThreads), stream, pdl_available(),
+                "dma_fwd_split_kernel launch", params, launch);
 }
 
 }  // namespace cuda

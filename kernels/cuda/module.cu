@@ -16,6 +16,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,7 @@
 #include "bwd.h"
 #include "fwd.h"
 #include "fwd_split.h"
+#include "launch.h"
 #include "switch.h"
 
 namespace nb = nanobind;
@@ -574,30 +576,46 @@ nb::tuple select_plan(int64_t rows, int64_t K, int bias_bits, int device, int64_
   return nb::make_tuple(plan.chunk, plan.chunks, plan.workspace_bytes);
 }
 
-void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::optional<AnyCuda> counts,
-                  AnyCuda workspace, int64_t window, int64_t Q, int64_t block_m, bool causal, int64_t chunk,
-                  uintptr_t stream) {
-  dmattn::cuda::SelectParams p;
+// Checks a query-broadcast bias and optional mask for a selection of B_s x H_s rows of their K
+// keys and fills those fields of `p` (not idx, workspace, chunk); returns W = min(window, K).
+int64_t fill_select(dmattn::cuda::SelectParams& p, const AnyCuda& bias, const std::optional<AnyCuda>& mask,
+                    int64_t B_s, int64_t H_s, int64_t window) {
   p.bias_bits = bias_bits(bias.dtype());
   if (window < 1) throw std::invalid_argument("window must be >= 1, got " + std::to_string(window));
   if (bias.ndim() != 4) throw std::invalid_argument("bias must be 4-D (B|1, heads, 1, K), got " + shape_str(bias));
   const int64_t K = bias.shape(3);
   if (K >= (int64_t(1) << 31) - 1) throw std::invalid_argument("K must be below 2^31 - 1 (int32 key indices)");
-  const int64_t W = window < K ? window : K;
-  if (idx.dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx must be int32");
-  if (idx.ndim() != 3 || int64_t(idx.shape(2)) != W || !is_contiguous(idx))
-    throw std::invalid_argument("idx must be a contiguous (B_s, H_s, min(window, K) = " + std::to_string(W) +
-                                ") tensor, got " + shape_str(idx));
-  const int64_t B_s = idx.shape(0), H_s = idx.shape(1);
   const int device = bias.device_id();
   selection_view(bias, "bias", B_s, H_s, K, p.bias_stride, &p.bias_heads);
-  if (idx.device_id() != device) throw std::invalid_argument("idx must be on bias's CUDA device");
   if (mask) {
     if (mask->dtype() != nb::dtype<bool>()) throw nb::type_error("mask must be a bool tensor");
     if (mask->device_id() != device) throw std::invalid_argument("mask must be on bias's CUDA device");
     selection_view(*mask, "mask", B_s, H_s, K, p.mask_stride, &p.mask_heads);
     p.mask = static_cast<const uint8_t*>(mask->data());
   }
+  p.bias = bias.data();
+  p.B_s = B_s;
+  p.H_s = H_s;
+  p.K = K;
+  p.W = window < K ? window : K;
+  return p.W;
+}
+
+void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::optional<AnyCuda> counts,
+                  AnyCuda workspace, int64_t window, int64_t Q, int64_t block_m, bool causal, int64_t chunk,
+                  uintptr_t stream) {
+  if (idx.dtype() != nb::dtype<int32_t>()) throw nb::type_error("idx must be int32");
+  if (idx.ndim() != 3 || !is_contiguous(idx))
+    throw std::invalid_argument("idx must be a contiguous (B_s, H_s, min(window, K)) tensor, got " + shape_str(idx));
+  const int64_t B_s = idx.shape(0), H_s = idx.shape(1);
+  dmattn::cuda::SelectParams p;
+  const int64_t W = fill_select(p, bias, mask, B_s, H_s, window);
+  const int64_t K = p.K;
+  if (int64_t(idx.shape(2)) != W)
+    throw std::invalid_argument("idx must be a contiguous (B_s, H_s, min(window, K) = " + std::to_string(W) +
+                                ") tensor, got " + shape_str(idx));
+  const int device = bias.device_id();
+  if (idx.device_id() != device) throw std::invalid_argument("idx must be on bias's CUDA device");
   if (block_m < 1) throw std::invalid_argument("block_m must be >= 1, got " + std::to_string(block_m));
   if (Q < 1) throw std::invalid_argument("Q must be >= 1, got " + std::to_string(Q));
   const int64_t n_blocks = (Q + block_m - 1) / block_m;
@@ -617,11 +635,6 @@ void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::o
                                 " bytes (select_plan), got " + std::to_string(workspace.nbytes()));
   expect_current_device(device, "bias");
 
-  p.bias = bias.data();
-  p.B_s = B_s;
-  p.H_s = H_s;
-  p.K = K;
-  p.W = W;
   p.idx = static_cast<int32_t*>(idx.data());
   p.workspace = workspace.data();
   p.chunk = plan.chunk;
@@ -644,6 +657,104 @@ void select_lists(AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda idx, std::o
     c.causal = causal;
     dmattn::cuda::list_counts(c, s);
   }
+}
+
+// ---------------------------------------------------------------- decode: select + split forward
+
+// The decode workspace (bytes from its start, each part 16-byte aligned): the lists (rows x W
+// int32), the select's workspace, the split forward's float32 partials.
+struct DecodeLayout {
+  size_t select = 0, partials = 0, total = 0;
+  int64_t chunk = 0;
+};
+
+size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+DecodeLayout decode_layout(int64_t B, int64_t Q, int64_t H, int64_t D, int64_t rows, int64_t K, int64_t W,
+                           int bias_bits, int splits, int device) {
+  const dmattn::cuda::SelectPlan plan =
+      dmattn::cuda::select_plan(rows, K, bias_bits, dmattn::cuda::device_sm_count(device), 0);
+  DecodeLayout l;
+  l.chunk = plan.chunk;
+  l.select = align16(size_t(rows) * size_t(W) * sizeof(int32_t));
+  l.partials = l.select + align16(plan.workspace_bytes);
+  l.total = l.partials + size_t(dmattn::cuda::fwd_split_workspace(B, Q, H, int(D), splits)) * sizeof(float);
+  return l;
+}
+
+// (splits, workspace bytes) of `decode` for these sizes on CUDA device `device`; splits 0 when the
+// call should not take it (too many queries for the split forward, heads that do not divide).
+nb::tuple decode_plan(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t B_s, int64_t H_s,
+                      int64_t K, int64_t window, int bias_bits, int device) {
+  if (B < 1 || Q < 1 || H < 1 || H_kv < 1 || B_s < 1 || H_s < 1 || K < 1 || window < 1 || H % H_s != 0 ||
+      H % H_kv != 0 || (B_s != 1 && B_s != B))
+    return nb::make_tuple(0, 0);
+  const int64_t W = window < K ? window : K;
+  const int splits = dmattn::cuda::fwd_split_count_on(device, B, Q, H, H_kv, head_dim, W);
+  if (splits == 0) return nb::make_tuple(0, 0);
+  const DecodeLayout l = decode_layout(B, Q, H, head_dim, B_s * H_s, K, W, bias_bits, splits, device);
+  return nb::make_tuple(splits, l.total);
+}
+
+// A windowed call over a query-broadcast bias (and mask) with few queries, in one call and one
+// chain of kernels: the radix select (select.h) into lists in the workspace, then the split forward
+// over them and its merge (fwd_split.h), which overlap the kernels before them (launch.h). The same
+// kernels and results as select_lists followed by fwd(..., splits) on the LIST path, with one
+// workspace instead of four tensors and one binding call instead of two.
+int decode(AnyCuda q, AnyCuda k, AnyCuda v, AnyCuda bias, std::optional<AnyCuda> mask, AnyCuda out, AnyCuda lse,
+           AnyCuda workspace, int64_t window, double scale, double softcap, bool causal, int splits,
+           uintptr_t stream) {
+  FwdParams p;
+  // The mask is folded into the lists, so the forward itself takes none.
+  fill_common(p, q, k, v, bias, std::nullopt, out, lse, std::nullopt, std::nullopt, scale, softcap, causal,
+              &dmattn::cuda::fwd_block_m);
+  if (p.bias_stride[2] != 0) throw std::invalid_argument("decode takes a query-broadcast bias (B|1, heads, 1, K)");
+  if (mask && mask->ndim() != 4) throw std::invalid_argument("mask must be 4-D (B|1, heads, 1, K), got " + shape_str(*mask));
+  // The selection rows: the broadcast of bias and mask over batch and heads.
+  int64_t B_s = bias.shape(0), H_s = bias.shape(1);
+  if (mask) {
+    B_s = std::max<int64_t>(B_s, mask->shape(0));
+    H_s = std::max<int64_t>(H_s, mask->shape(1));
+  }
+  if (H_s < 1 || p.H % H_s != 0)
+    throw std::invalid_argument("the selection heads (" + std::to_string(H_s) + ") must divide H = " +
+                                std::to_string(p.H));
+  dmattn::cuda::SelectParams sp;
+  const int64_t W = fill_select(sp, bias, mask, B_s, H_s, window);
+  if (W >= p.K) throw std::invalid_argument("decode needs window < K (a window that keeps every key is DENSE)");
+  if (splits < 1 || splits > dmattn::cuda::kFwdSplitMaxSplits)
+    throw std::invalid_argument("splits must be in 1.." + std::to_string(dmattn::cuda::kFwdSplitMaxSplits) + ", got " +
+                                std::to_string(splits));
+  if (p.Q > dmattn::cuda::kFwdSplitMaxQ)
+    throw std::invalid_argument("decode takes Q <= " + std::to_string(dmattn::cuda::kFwdSplitMaxQ) + ", got Q=" +
+                                std::to_string(p.Q));
+  const int device = q.device_id();
+  if (workspace.device_id() != device) throw std::invalid_argument("workspace must be on query's CUDA device");
+  if (workspace.dtype() != nb::dtype<uint8_t>() || workspace.ndim() != 1 || !is_contiguous(workspace))
+    throw nb::type_error("workspace must be a contiguous 1-D uint8 tensor");
+  const DecodeLayout l = decode_layout(p.B, p.Q, p.H, p.D, B_s * H_s, p.K, W, sp.bias_bits, splits, device);
+  if (workspace.nbytes() < l.total || reinterpret_cast<uintptr_t>(workspace.data()) % 16 != 0)
+    throw std::invalid_argument("workspace must hold at least " + std::to_string(l.total) +
+                                " bytes (decode_plan) from a 16-byte aligned address, got " +
+                                std::to_string(workspace.nbytes()));
+  if (p.B == 0 || p.Q == 0 || p.H == 0) return 0;
+  check_device(device, "forward");
+
+  char* base = static_cast<char*>(workspace.data());
+  sp.idx = reinterpret_cast<int32_t*>(base);
+  sp.workspace = base + l.select;
+  sp.chunk = l.chunk;
+  p.idx = sp.idx;
+  p.list_len = W;
+  p.sel_heads = int(H_s);
+  p.sel_batched = B_s > 1;
+  p.n_query_blocks = 1;  // the split kernel reads no counts (fwd_split_kernel.cuh)
+  p.splits = splits;
+  p.split_workspace = reinterpret_cast<float*>(base + l.partials);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dmattn::cuda::select_lists(sp, s);
+  // The select launched its first kernel without overlap, so q was complete before the chain began.
+  return dmattn::cuda::fwd_split(p, s, /*inputs_ready=*/true);
 }
 
 void list_counts(AnyCuda idx, AnyCuda counts, int64_t K, int64_t Q, int64_t block_m, bool causal, uintptr_t stream) {
@@ -828,12 +939,28 @@ NB_MODULE(_cuda, m) {
         "Lets the forward use its sm_90a (wgmma) kernel where it applies (True) or sends every call to the sm_80\n"
         "kernel (False), for A/B measurements; True by default. Process-wide. The sm_90a backward follows it (it\n"
         "runs where the forward's compact copy applies).");
+  m.def("set_pdl_enabled", &dmattn::cuda::set_pdl_enabled, nb::arg("enabled"),
+        "Lets the select, split forward and merge kernels overlap the kernel before them (programmatic\n"
+        "dependent launch, sm_90+; True, the default) or launches every kernel plainly (False). Process-wide.");
+  m.def("pdl_enabled", &dmattn::cuda::pdl_enabled, "Whether set_pdl_enabled left overlapping launches on.");
   m.def("fwd_sm90_enabled", &dmattn::cuda::fwd_sm90_enabled, "Whether set_fwd_sm90_enabled left the sm_90a forward on.");
   m.def("fwd_uses_sm90", &dmattn::cuda::fwd_uses_sm90, nb::arg("head_dim"), nb::arg("per_query") = false,
         "Whether a forward call with this head dim (and a per-query bias/mask or not) runs the sm_90a kernel on the\n"
         "current device: built with sm_90a code for that head dim, compute capability 9.0, enabled.");
   m.def("fwd_block_m", &dmattn::cuda::fwd_block_m, nb::arg("head_dim"),
         "Query rows per block of the CUDA forward for a head dim (the block size of the LIST counts).");
+  m.def("decode_plan", &decode_plan, nb::arg("B"), nb::arg("Q"), nb::arg("H"), nb::arg("H_kv"), nb::arg("head_dim"),
+        nb::arg("B_s"), nb::arg("H_s"), nb::arg("K"), nb::arg("window"), nb::arg("bias_bits"), nb::arg("device"),
+        "(splits, workspace_bytes) of decode for these sizes (selection rows B_s x H_s of K keys, a bias of\n"
+        "bias_bits 16/32/64) on a CUDA device; splits 0: the call does not take decode.");
+  m.def("decode", &decode, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias"), nb::arg("mask").none(),
+        nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("workspace").noconvert(), nb::kw_only(),
+        nb::arg("window"), nb::arg("scale"), nb::arg("softcap"), nb::arg("causal"), nb::arg("splits"),
+        nb::arg("stream"),
+        "A windowed global-scope forward with few queries in one call: the radix select of the query-broadcast\n"
+        "bias (B|1, heads, 1, K) and optional bool mask into lists, then the split forward over them and its\n"
+        "merge, into out (B, Q, H, D) and lse (B, H, Q) float32. q/k/v as for fwd; window < K; splits and the\n"
+        "uint8 workspace size from decode_plan (nothing needs zeroing). stream: an integer. Returns the splits.");
   m.def("select_plan", &select_plan, nb::arg("rows"), nb::arg("K"), nb::arg("bias_bits"), nb::arg("device"),
         nb::arg("chunk") = 0,
         "(chunk, chunks, workspace_bytes) of select_lists for rows x K keys of a bias of bias_bits (16/32/64)\n"

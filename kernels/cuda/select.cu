@@ -4,6 +4,7 @@
 #include <string>
 
 #include "check.h"
+#include "launch.h"
 #include "select.h"
 #include "select_kernel.cuh"
 
@@ -52,12 +53,14 @@ void launch_select(const SelectParams& p, cudaStream_t stream) {
   using namespace select_detail;
   const int64_t rows = p.B_s * p.H_s, chunks = cdiv(p.K, p.chunk);
   const dim3 grid{unsigned(rows), unsigned(chunks), 1u};
+  // The first pass waits for whatever came before it; the later kernels overlap their predecessor
+  // (launch.h: they load their keys, inputs of this chain, before waiting for it).
+  const bool overlap = pdl_available();
   for (int pass = 0; pass < kBits / 8; ++pass) {
-    select_hist_kernel<kBits><<<grid, kThreads, 0, stream>>>(p, chunks, pass);
-    check_cuda(cudaGetLastError(), "select_hist_kernel launch");
+    launch_kernel(select_hist_kernel<kBits>, grid, kThreads, stream, overlap && pass > 0, "select_hist_kernel launch", p,
+                  chunks, pass);
   }
-  select_write_kernel<kBits><<<grid, kThreads, 0, stream>>>(p, chunks);
-  check_cuda(cudaGetLastError(), "select_write_kernel launch");
+  launch_kernel(select_write_kernel<kBits>, grid, kThreads, stream, overlap, "select_write_kernel launch", p, chunks);
 }
 
 }  // namespace
@@ -78,8 +81,9 @@ void list_counts(const CountsParams& p, cudaStream_t stream) {
   if (n == 0) return;
   const int threads = 256;
   const int64_t blocks = cdiv(n, threads) < 65535 ? cdiv(n, threads) : 65535;
-  select_detail::list_counts_kernel<<<unsigned(blocks), threads, 0, stream>>>(p);
-  check_cuda(cudaGetLastError(), "list_counts_kernel launch");
+  // Overlaps its predecessor's tail (launch.h); it waits for it before reading the lists.
+  launch_kernel(select_detail::list_counts_kernel, dim3(unsigned(blocks)), dim3(threads), stream, pdl_available(),
+                "list_counts_kernel launch", p);
 }
 
 }  // namespace cuda

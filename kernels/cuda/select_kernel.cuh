@@ -20,12 +20,16 @@
 // int32 histogram buffers of rows x C x 256 (pass p writes buffer p % 2 and reads the other); the
 // last pass's rows x C above-prefix counts.
 //
-// Measured and not built (H200, D128k: 8 rows of 131072 bf16 keys, w 2048; torch.profiler): the
-// three kernels take 7.0 + 8.2 + 10.1 us. One kernel per row as a thread-block cluster (keys held
-// in registers, histograms summed through distributed shared memory, cluster barriers instead of
-// launches, ballots and one block scan for the compaction) gave the same lists but took 25.7 us at
-// 8 blocks of 512 threads per row and 34.9 us at 16 (not profiled further); prefetching the keys
-// ahead of the histogram sums in these kernels changed nothing either.
+// The passes after the first and the compaction overlap the kernel before them (launch.h): they
+// load their first kGroup tiles of keys, then wait for it.
+//
+// Measured (H200, D128k: 8 rows of 131072 bf16 keys, w 2048, chunks of 4096; torch.profiler, each
+// kernel alone): 7.0 + 8.2 + 10.1 us before, 5.2 + 6.0 + 7.3 us with every key load of a group
+// issued before any is used (load_group), the compaction's one exchange and scan per group, and
+// the register cap (kMinBlocks). Measured and not built: one kernel per row as a thread-block
+// cluster (keys held in registers, histograms summed through distributed shared memory, cluster
+// barriers instead of launches, ballots and one block scan for the compaction) gave the same lists
+// but took 25.7 us at 8 blocks of 512 threads per row and 34.9 us at 16 (not profiled further).
 #pragma once
 
 #include <cub/block/block_exchange.cuh>
@@ -36,6 +40,7 @@
 #include <type_traits>
 
 #include "dmattn/selection.h"
+#include "launch.h"
 #include "select.h"
 #include "select_keys.cuh"
 
@@ -80,6 +85,85 @@ inline size_t workspace_bytes(int64_t rows, int64_t chunks, int passes) {
          align16(size_t(rows) * size_t(chunks) * sizeof(int32_t));
 }
 
+// Tiles whose keys a thread loads before using any: one memory round trip per kGroup tiles.
+constexpr int kGroup = 4;
+// Blocks per SM the radix kernels are compiled to fit (a register cap): room for the next kernel
+// of the chain to be resident while they finish (launch.h), which 16 keys in flight per thread
+// would otherwise take (125 registers: two blocks filled an SM). 64-bit keys need two registers
+// each and would spill at three.
+template <int kBits>
+constexpr int kMinBlocks = kBits == 64 ? 2 : 3;
+
+// The keys of tiles t0, t0 + kTile, ... (kGroup of them) of a chunk ending at `stop`, striped
+// (thread t holds key t0 + g * kTile + i * kThreads + t); 0 (never kept) past the end. Every load
+// is issued before any loaded value is used: with the conversion next to its load under the
+// bounds test, the compiler waited for each key before issuing the next (ncu, H200, D128k: 16
+// memory round trips per thread in a radix pass, its largest stall).
+template <int kBits>
+__device__ __forceinline__ void load_group(const SelectParams& p, int64_t bias_row, int64_t mask_row, int64_t t0,
+                                           int64_t stop, KeyT<kBits> (&key)[kGroup][kItems]) {
+  using Raw = std::conditional_t<kBits == 16, uint16_t, std::conditional_t<kBits == 32, uint32_t, unsigned long long>>;
+  // Contiguous keys (the usual layout) load at constant offsets from one address; other strides
+  // keep an address per load (more registers). Both branches are block-uniform.
+  const Raw* bias = static_cast<const Raw*>(p.bias) + bias_row;
+  const int64_t stride = p.bias_stride[2];
+  const int64_t first = t0 + threadIdx.x;
+  Raw raw[kGroup][kItems];
+  uint8_t allowed[kGroup][kItems];
+  if (stride == 1) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int k = g * kTile + i * kThreads;
+        raw[g][i] = first + k < stop ? bias[first + k] : Raw(0);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t j = first + g * kTile + i * kThreads;
+        raw[g][i] = j < stop ? bias[j * stride] : Raw(0);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) allowed[g][i] = 1;
+  }
+  if (p.mask != nullptr) {
+    const uint8_t* mask = p.mask + mask_row;
+    const int64_t mstride = p.mask_stride[2];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t j = first + g * kTile + i * kThreads;
+        allowed[g][i] = j < stop ? mask[mstride == 1 ? j : j * mstride] : uint8_t(0);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool in = t0 + g * kTile + i * kThreads + threadIdx.x < stop && allowed[g][i] != 0;
+      KeyT<kBits> k;
+      if constexpr (kBits == 16) {
+        k = sel::order_key16(raw[g][i]);
+      } else if constexpr (kBits == 32) {
+        k = sel::order_key32(raw[g][i]);
+      } else {
+        k = sel::order_key64(raw[g][i]);
+      }
+      key[g][i] = in ? k : KeyT<kBits>(0);
+    }
+  }
+}
+
 using BinScan = cub::BlockScan<int, kThreads>;
 
 struct BucketShared {
@@ -112,7 +196,9 @@ __device__ __forceinline__ RowState state_entering(const SelectParams& p, const 
   const int bin = kBins - 1 - int(threadIdx.x);
   const int32_t* hist = ws.hist + (int64_t((pass - 1) & 1) * rows + row) * chunks * kBins;
   int count = 0;
-#pragma unroll 8
+  // Unrolled to 32 (the plan's chunks per row at D128k): one L2 round trip, not four (ncu: the
+  // largest stall of the second pass at 8).
+#pragma unroll 32
   for (int64_t c = 0; c < chunks; ++c) count += hist[c * kBins + bin];
   int more = 0;
   const int digit = find_bucket(count, (long long)p.W - base.above, sh, &more);
@@ -125,7 +211,7 @@ __device__ __forceinline__ RowState state_entering(const SelectParams& p, const 
 // among the chunk's keys whose higher digits equal the prefix; in the last pass also the count of
 // keys whose higher digits are above it.
 template <int kBits>
-__global__ void __launch_bounds__(kThreads) select_hist_kernel(SelectParams p, int64_t chunks, int pass) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kBits>) select_hist_kernel(SelectParams p, int64_t chunks, int pass) {
   using Key = KeyT<kBits>;
   constexpr int kPasses = kBits / 8;
   using Reduce = cub::BlockReduce<int, kThreads>;
@@ -133,37 +219,41 @@ __global__ void __launch_bounds__(kThreads) select_hist_kernel(SelectParams p, i
   __shared__ BucketShared sh;
   __shared__ typename Reduce::TempStorage reduce;
 
+  pdl_launch_next();
   const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
   const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
   hist[threadIdx.x] = 0;
+  int64_t bias_row, mask_row;
+  row_bases(p, row, &bias_row, &mask_row);
+  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
+  // The first keys are inputs of the chain: loaded while the previous pass may still run (launch.h).
+  Key key[kGroup][kItems];
+  load_group<kBits>(p, bias_row, mask_row, start, stop, key);
+  pdl_wait();
   const RowState st = state_entering(p, ws, row, chunks, pass, sh);
   __syncthreads();  // hist zeroed
   const int shift = kBits - 8 * (pass + 1);
   const Key prefix = Key(st.prefix);
   const bool last = pass == kPasses - 1;
 
-  int64_t bias_row, mask_row;
-  row_bases(p, row, &bias_row, &mask_row);
-  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
   const unsigned lane = threadIdx.x % 32;
   int n_above = 0;
-  for (int64_t t0 = start; t0 < stop; t0 += kTile) {
-    Key key[kItems];
+  for (int64_t t0 = start; t0 < stop; t0 += kGroup * kTile) {
+    if (t0 != start) load_group<kBits>(p, bias_row, mask_row, t0, stop, key);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t j = t0 + i * kThreads + threadIdx.x;
-      key[i] = j < stop ? load_key<kBits>(p, bias_row, mask_row, j) : 0;
-    }
+    for (int g = 0; g < kGroup; ++g) {
+      if (t0 + g * kTile >= stop) break;  // block-uniform
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const bool valid = t0 + i * kThreads + threadIdx.x < stop;
-      const Key high = pass == 0 ? Key(0) : key[i] >> (shift + 8);
-      const bool in = valid && high == prefix;
-      n_above += (valid && high > prefix) ? 1 : 0;
-      // Warp-aggregated: skewed biases put most keys of a pass in one bin.
-      const unsigned digit = in ? unsigned(key[i] >> shift) & (kBins - 1) : unsigned(kBins);
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], __popc(peers));
+      for (int i = 0; i < kItems; ++i) {
+        const bool valid = t0 + g * kTile + i * kThreads + threadIdx.x < stop;
+        const Key high = pass == 0 ? Key(0) : key[g][i] >> (shift + 8);
+        const bool in = valid && high == prefix;
+        n_above += (valid && high > prefix) ? 1 : 0;
+        // Warp-aggregated: skewed biases put most keys of a pass in one bin.
+        const unsigned digit = in ? unsigned(key[g][i] >> shift) & (kBins - 1) : unsigned(kBins);
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], __popc(peers));
+      }
     }
   }
   __syncthreads();
@@ -176,11 +266,11 @@ __global__ void __launch_bounds__(kThreads) select_hist_kernel(SelectParams p, i
 
 // Compaction of chunk blockIdx.y of row blockIdx.x after the last radix pass.
 template <int kBits>
-__global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kBits>) select_write_kernel(SelectParams p, int64_t chunks) {
   using Key = KeyT<kBits>;
   constexpr int kPasses = kBits / 8;
   using Reduce = cub::BlockReduce<long long, kThreads>;
-  using Exchange = cub::BlockExchange<Key, kThreads, kItems>;
+  using Exchange = cub::BlockExchange<Key, kThreads, kGroup * kItems>;
   using FlagScan = cub::BlockScan<int, kThreads>;
   __shared__ BucketShared sh;
   __shared__ union {
@@ -190,8 +280,16 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
   } tmp;
   __shared__ long long eq_before_sh, kept_sh;
 
+  pdl_launch_next();
   const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
   const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
+  int64_t bias_row, mask_row;
+  row_bases(p, row, &bias_row, &mask_row);
+  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
+  // As in select_hist_kernel: the first keys load while the last pass may still run.
+  Key keys[kGroup][kItems];
+  load_group<kBits>(p, bias_row, mask_row, start, stop, keys);
+  pdl_wait();
   const RowState base = ws.state[int64_t(kPasses - 1) * rows + row];
 
   // Threshold T = prefix . digit, from the last pass's histograms summed over every chunk; the
@@ -199,7 +297,8 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
   const int bin = kBins - 1 - int(threadIdx.x);
   const int32_t* hist = ws.hist + (int64_t((kPasses - 1) & 1) * rows + row) * chunks * kBins;
   int count = 0, before = 0;
-#pragma unroll 8
+  // Unrolled as in state_entering.
+#pragma unroll 32
   for (int64_t k = 0; k < chunks; ++k) {
     const int h = hist[k * kBins + bin];
     count += h;
@@ -219,32 +318,30 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
   long long kept = kept_sh;        // keys kept before the current tile, row-wide
   long long eq_seen = eq_before_sh;  // keys equal to T before the current tile, row-wide
 
-  int64_t bias_row, mask_row;
-  row_bases(p, row, &bias_row, &mask_row);
   int32_t* out = p.idx + row * p.W;
-  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
-  for (int64_t t0 = start; t0 < stop; t0 += kTile) {
-    Key key[kItems];
+  // A group of kGroup tiles at a time: one exchange and one scan (two barriers) for its
+  // kGroup * kTile keys rather than per tile.
+  constexpr int kN = kGroup * kItems;
+  for (int64_t t0 = start; t0 < stop; t0 += kGroup * kTile) {
+    if (t0 != start) load_group<kBits>(p, bias_row, mask_row, t0, stop, keys);
+    Key key[kN];  // striped: key[k] = t0 + k * kThreads + t (load_group's [g][i] at k = g * kItems + i)
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {  // striped: coalesced loads
-      const int64_t j = t0 + i * kThreads + threadIdx.x;
-      key[i] = j < stop ? load_key<kBits>(p, bias_row, mask_row, j) : 0;  // 0 is never kept
-    }
+    for (int k = 0; k < kN; ++k) key[k] = keys[k / kItems][k % kItems];
     __syncthreads();  // tmp is reused
-    Exchange(tmp.exchange).StripedToBlocked(key);  // thread t: keys t0 + t * kItems + i
-    int flags[kItems], excl[kItems];
+    Exchange(tmp.exchange).StripedToBlocked(key);  // thread t: keys t0 + t * kN + k
+    int flags[kN], excl[kN];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) flags[i] = int(key[i] > thr) | (int(key[i] == thr) << 16);
+    for (int k = 0; k < kN; ++k) flags[k] = int(key[k] > thr) | (int(key[k] == thr) << 16);  // counts < 2^16
     int total;
     __syncthreads();
     FlagScan(tmp.scan).ExclusiveSum(flags, excl, total);
     const long long rem = needed - eq_seen > 0 ? needed - eq_seen : 0;  // equal keys still to take
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const long long above_ex = excl[i] & 0xFFFF, eq_ex = excl[i] >> 16;
-      if (sel::radix_keeps(key[i], thr, eq_seen + eq_ex, needed)) {
+    for (int k = 0; k < kN; ++k) {
+      const long long above_ex = excl[k] & 0xFFFF, eq_ex = excl[k] >> 16;
+      if (sel::radix_keeps(key[k], thr, eq_seen + eq_ex, needed)) {
         const long long slot = kept + above_ex + (eq_ex < rem ? eq_ex : rem);
-        out[slot] = int32_t(t0 + int64_t(threadIdx.x) * kItems + i);
+        out[slot] = int32_t(t0 + int64_t(threadIdx.x) * kN + k);
       }
     }
     const long long eq_total = total >> 16;
@@ -261,6 +358,8 @@ __global__ void __launch_bounds__(kThreads) select_write_kernel(SelectParams p, 
 // counts[row, m] = the number of entries of the row's list <= the causal limit of query block m's
 // last query (all of them without causality); sentinels (K) are never counted.
 __global__ void list_counts_kernel(CountsParams p) {
+  pdl_launch_next();
+  pdl_wait();  // the lists are the previous kernel's output
   const int64_t n = p.rows * p.n_blocks;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / p.n_blocks, m = i % p.n_blocks;

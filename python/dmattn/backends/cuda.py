@@ -11,7 +11,8 @@ its list of alive keys, and the kernels gather those and test ``j <= c_i < death
 everything else it accepts (no window, or a window that keeps every key); bias and mask are tested
 per element. Calls with few queries (decode: Q <= 16, at most 32 query rows per kv head) on the
 LIST and DENSE paths run the split forward (``kernels/cuda/fwd_split.h``: each list spread over
-many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off. A window over a
+many thread blocks, then merged), unless ``cuda_ext.SPLIT_DECODE`` is off; on the LIST path the
+selection and that forward go through one module call (``cuda_ext.decode``). A window over a
 per-query bias or mask has no CUDA path: the Triton backend computes it. Nothing here needs Triton.
 
 Registered after ``triton`` because it is slower today (H200, harness v6: T32k forward 2.78 vs 1.40
@@ -115,6 +116,12 @@ class CudaBackend(Backend):
         p = problem
         out, lse = forward_outputs(p, q)
         with cuda_ext.on_device(q.device):
+            if p.effective_window is not None and not p.ranks_prefixes:
+                # Decode (few queries, LIST): selection and split forward in one module call.
+                done = cuda_ext.decode(q, k, v, bias, mask, window=p.effective_window, scale=p.scale,
+                                       softcap=p.softcap, is_causal=p.is_causal, out=out, lse=lse)
+                if done is not None:
+                    return out, lse
             meta, kernel_mask = self._keys(p, bias, mask, cuda_ext.fwd_block_m(p.D))
             cuda_ext.forward(q, k, v, bias, kernel_mask, scale=p.scale, softcap=p.softcap,
                              is_causal=p.is_causal, out=out, lse=lse, **meta)
