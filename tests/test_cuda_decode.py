@@ -458,22 +458,24 @@ def test_decode_same_bits_without_overlapping_launches():
 
 
 @pytest.mark.parametrize("why", ["window>=K", "per-query-bias", "per-query-mask", "no-bias", "too-many-rows",
-                                 "SPLIT_DECODE-off"])
+                                 "SPLIT_DECODE-off", "takes-it"])
 def test_decode_declines(why):
-    """Calls off its path: None, and nothing launched (the spy sees no module call)."""
+    """Calls off its path: None, and nothing launched (the spy sees no module call). With Q = 2 and
+    no such reason the same shapes take it (the last case)."""
     _need_head_dim(64)
-    Q = 5 if why == "too-many-rows" else 1  # 5 queries x 8 heads per kv head = 40 rows > 32
+    # 5 queries x 8 heads per kv head = 40 rows > 32; a per-query bias or mask needs Q > 1 (2 x 8 rows).
+    Q = {"too-many-rows": 5, "per-query-bias": 2, "per-query-mask": 2, "takes-it": 2}.get(why, 1)
     q = torch.randn(1, Q, 8, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 100, 1, 64, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(1, 1, Q if why == "per-query-bias" else 1, 100, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 1, Q, 100, device="cuda", dtype=torch.bool) if why == "per-query-mask" else None
-    if why == "per-query-mask":
-        q = q.expand(1, 2, 8, 64).contiguous()
-        mask = torch.ones(1, 1, 2, 100, device="cuda", dtype=torch.bool)
     window = 100 if why == "window>=K" else 10
     with _spy() as spy, mock.patch.object(cuda_ext, "SPLIT_DECODE", why != "SPLIT_DECODE-off"):
         got = cuda_ext.decode(q, k, k, None if why == "no-bias" else bias, mask, window=window)
-    assert got is None and spy.calls == [], spy.calls
+    if why == "takes-it":
+        assert got is not None and spy.calls == ["decode"], spy.calls
+    else:
+        assert got is None and spy.calls == [], spy.calls
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -77,12 +77,12 @@ class CudaBackend(Backend):
     def preferred(self, problem):
         """The windowed LIST calls that run the sm_90a kernels (H100/H200, head dim 64 or 128, a
         query-broadcast bias and mask, the global scope or no causal prefixes), where this backend
-        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v12 (bf16,
-        docs/performance.md), cuda against triton, ms: T8k fwd 0.251 / 0.437, fwd+bwd 1.48 / 2.07;
-        T32k fwd 1.32 / 1.40, fwd+bwd 5.89 / 7.75; B32k fwd 1.25 / 1.30, fwd+bwd 5.79 / 7.48; D128k
-        decode 0.072 / 0.296 eager (one call replayed as a CUDA graph: triton's 0.046 beats its
-        0.054). The visible scope's PREFIX path, the sm_80 kernels and calls without a window stay
-        behind triton."""
+        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v13 (bf16,
+        docs/performance.md), cuda against triton, ms: T8k fwd 0.252 / 0.520, fwd+bwd 1.73 / 2.43;
+        T32k fwd 1.31 / 1.40, fwd+bwd 5.84 / 7.75; B32k fwd 1.24 / 1.30, fwd+bwd 5.59 / 7.49; D128k
+        decode 0.115 / 0.413 eager, 0.033 / 0.046 with one call replayed as a CUDA graph. The
+        visible scope's PREFIX path, the sm_80 kernels and calls without a window stay behind
+        triton."""
         p = problem
         if p.device.type != "cuda" or p.effective_window is None or p.ranks_prefixes or not p.query_broadcast:
             return False
