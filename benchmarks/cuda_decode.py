@@ -10,13 +10,18 @@ host gaps) and as a CUDA graph replay (about the GPU time):
 
 - ``select``: ``cuda_ext.list_selection`` alone (the radix select and the block counts)
 - ``fwd split`` / ``fwd one-block``: ``cuda_ext.forward`` with that selection prebuilt
+- ``decode`` / ``decode, no PDL``: ``cuda_ext.decode`` (select and split forward in one module call,
+  one chain of kernels), with its launches overlapping (the default) and without
+  (``cuda_ext.set_pdl_enabled(False)``)
 - ``backend split`` / ``backend one-block``: ``dma_attention(backend="cuda")`` end to end from the bias
+  (the first through ``cuda_ext.decode``)
 - ``sdpa dense``: ``scaled_dot_product_attention`` over all K keys (GQA, no bias), the dense peer
 
 plus the splits the split forward used and how far its output is from the one-block kernel's.
 ``--q-sweep`` adds the two forwards alone at Q = 2, 4, 8, 16 on the D128k shape (where the split
 forward should stop being used: ``kFwdSplitMaxQ``). ``--kernels`` adds the GPU time of each kernel
-of one backend call (torch.profiler over eager calls, median per kernel, in launch order). Needs no
+of one backend call (torch.profiler over eager calls, median per kernel, in launch order; without
+overlapping launches, whose spans would include each kernel's wait for the one before). Needs no
 Triton. Runs in well under a minute.
 
     python benchmarks/cuda_decode.py [--json out.json] [--q-sweep] [--kernels] [--reps 50]
@@ -90,6 +95,18 @@ def _kernel_times(fn, calls: int) -> list:
 
 
 @contextlib.contextmanager
+def _pdl(on: bool):
+    from dmattn import cuda_ext
+
+    before = cuda_ext.pdl_enabled()
+    cuda_ext.set_pdl_enabled(on)
+    try:
+        yield
+    finally:
+        cuda_ext.set_pdl_enabled(before)
+
+
+@contextlib.contextmanager
 def _split_decode(on: bool):
     from dmattn import cuda_ext
 
@@ -152,6 +169,13 @@ def main() -> int:
         row["fwd split"] = _timed(lambda: cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts), **kw)
         row["fwd one-block"] = _timed(lambda: cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts, splits=0),
                                       **kw)
+        if cuda_ext.has_decode():
+            decode = lambda: cuda_ext.decode(q, k, v, bias, None, window=WINDOW)  # noqa: E731
+            row["decode"] = _timed(decode, **kw)
+            with _pdl(False):
+                row["decode, no PDL"] = _timed(decode, **kw)
+        else:
+            row["decode"] = dict(skipped="dmattn._cuda has no decode (one-call select + split forward)")
         backend = lambda: dmattn.dma_attention(q, k, v, bias, backend="cuda", **opts)  # noqa: E731
         row["backend split"] = _timed(backend, **kw)
         with _split_decode(False):
@@ -163,7 +187,8 @@ def main() -> int:
         except (RuntimeError, TypeError) as exc:  # enable_gqa needs torch >= 2.5
             row["sdpa dense"] = dict(skipped=str(exc)[:200])
         if args.kernels:
-            row["kernels of backend split"] = _kernel_times(backend, args.calls)
+            with _pdl(False):
+                row["kernels of backend split"] = _kernel_times(backend, args.calls)
         split_out, _ = cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts)
         block_out, _ = cuda_ext.forward(q, k, v, bias, None, idx=idx, counts=counts, splits=0)
         row["max |split - one-block|"] = _diff(split_out, block_out)
