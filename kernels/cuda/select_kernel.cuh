@@ -13,8 +13,9 @@
 //
 // select_write_kernel then knows T, how many keys equal to T are kept (the earliest ones,
 // sel::threshold_takes) and, from the chunk histograms before its own, how many keys earlier chunks
-// keep: its first output slot. It walks its chunk in tiles, a block-wide exclusive scan of packed
-// (above, equal) flags giving each kept key its slot, so the list comes out ascending.
+// keep: its first output slot. It walks its chunk kGroup tiles at a time, a block-wide exclusive
+// scan of packed (above, equal) flags giving each kept key its slot, so the list comes out
+// ascending.
 //
 // Workspace (bytes, select_plan): per pass and row a RowState {prefix, above}; two ping-pong
 // int32 histogram buffers of rows x C x 256 (pass p writes buffer p % 2 and reads the other); the
@@ -24,9 +25,10 @@
 // load their first kGroup tiles of keys, then wait for it.
 //
 // Measured (H200, D128k: 8 rows of 131072 bf16 keys, w 2048, chunks of 4096; torch.profiler, each
-// kernel alone): 7.0 + 8.2 + 10.1 us before, 5.2 + 6.0 + 7.3 us with every key load of a group
-// issued before any is used (load_group), the compaction's one exchange and scan per group, and
-// the register cap (kMinBlocks). Measured and not built: one kernel per row as a thread-block
+// kernel alone): 7.0 + 8.2 + 10.1 us before, 5.0 + 5.5 + 6.9 us with every key load of a group
+// issued before any is used (load_group), the compaction's one exchange and scan per group, the
+// register cap (kMinBlocks) and the histogram sums unrolled (benchmarks/results/
+// cuda-decode-chain-h200-2026-11-29.log). Measured and not built: one kernel per row as a thread-block
 // cluster (keys held in registers, histograms summed through distributed shared memory, cluster
 // barriers instead of launches, ballots and one block scan for the compaction) gave the same lists
 // but took 25.7 us at 8 blocks of 512 threads per row and 34.9 us at 16 (not profiled further).
