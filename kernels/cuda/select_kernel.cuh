@@ -104,7 +104,7 @@ constexpr int kMinBlocks = kBits == 64 ? 2 : 3;
 template <int kBits>
 __device__ __forceinline__ void load_group(const SelectParams& p, int64_t bias_row, int64_t mask_row, int64_t t0,
                                            int64_t stop, KeyT<kBits> (&key)[kGroup][kItems]) {
-  using Raw = std::conditional_t<kBits == 16, uint16_t, std::conditional_t<kBits == 32, uint32_t, unsigned long long>>;
+  using Raw = RawT<kBits>;
   // Contiguous keys (the usual layout) load at constant offsets from one address; other strides
   // keep an address per load (more registers). Both branches are block-uniform.
   const Raw* bias = static_cast<const Raw*>(p.bias) + bias_row;
@@ -144,7 +144,7 @@ __device__ __forceinline__ void load_group(const SelectParams& p, int64_t bias_r
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int64_t j = first + g * kTile + i * kThreads;
-        allowed[g][i] = j < stop ? mask[mstride == 1 ? j : j * mstride] : uint8_t(0);
+        allowed[g][i] = j < stop ? mask[j * mstride] : uint8_t(0);
       }
     }
   }
@@ -153,15 +153,7 @@ __device__ __forceinline__ void load_group(const SelectParams& p, int64_t bias_r
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const bool in = t0 + g * kTile + i * kThreads + threadIdx.x < stop && allowed[g][i] != 0;
-      KeyT<kBits> k;
-      if constexpr (kBits == 16) {
-        k = sel::order_key16(raw[g][i]);
-      } else if constexpr (kBits == 32) {
-        k = sel::order_key32(raw[g][i]);
-      } else {
-        k = sel::order_key64(raw[g][i]);
-      }
-      key[g][i] = in ? k : KeyT<kBits>(0);
+      key[g][i] = in ? order_key<kBits>(raw[g][i]) : KeyT<kBits>(0);
     }
   }
 }

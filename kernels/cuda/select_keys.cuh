@@ -17,21 +17,29 @@ namespace sel = ::dmattn::sel;
 template <int kBits>
 using KeyT = std::conditional_t<kBits == 64, unsigned long long, uint32_t>;
 
+// The raw bits of one bias element of a kBits-wide dtype.
+template <int kBits>
+using RawT = std::conditional_t<kBits == 16, uint16_t, std::conditional_t<kBits == 32, uint32_t, unsigned long long>>;
+
+// The order-preserving key of bias bits `raw` (sel::order_key*).
+template <int kBits>
+__device__ __forceinline__ KeyT<kBits> order_key(RawT<kBits> raw) {
+  if constexpr (kBits == 16) {
+    return sel::order_key16(raw);
+  } else if constexpr (kBits == 32) {
+    return sel::order_key32(raw);
+  } else {
+    return sel::order_key64(raw);
+  }
+}
+
 // Order-preserving key of bias entry `off` (elements), 0 when the key is masked out.
 template <int kBits>
 __device__ __forceinline__ KeyT<kBits> load_key(const SelectParams& p, int64_t bias_row, int64_t mask_row,
                                                 int64_t j) {
   // Both loads issued before either is used: one memory round trip, not two.
   const bool allowed = p.mask == nullptr || p.mask[mask_row + j * p.mask_stride[2]] != 0;
-  const int64_t off = bias_row + j * p.bias_stride[2];
-  KeyT<kBits> key;
-  if constexpr (kBits == 16) {
-    key = sel::order_key16(static_cast<const uint16_t*>(p.bias)[off]);
-  } else if constexpr (kBits == 32) {
-    key = sel::order_key32(static_cast<const uint32_t*>(p.bias)[off]);
-  } else {
-    key = sel::order_key64(static_cast<const unsigned long long*>(p.bias)[off]);
-  }
+  const KeyT<kBits> key = order_key<kBits>(static_cast<const RawT<kBits>*>(p.bias)[bias_row + j * p.bias_stride[2]]);
   return allowed ? key : KeyT<kBits>(0);
 }
 

@@ -255,11 +255,11 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     q (B, Q, H, D), k/v (B, K, H_kv, D) float16/bfloat16 on one GPU; bias (B|1, heads, 1, K) of any
     float dtype and optional bool mask (B|1, heads_m, 1, K), whose broadcast heads H_s must divide
     H. ``out``/``lse`` may be passed in (contiguous) to be filled. No host synchronisation."""
-    K = k.shape[1]
     if not (SPLIT_DECODE and has_decode()) or q.dim() != 4 or k.dim() != 4 or bias is None or bias.dim() != 4:
         return None
-    if window >= K or bias.shape[2] != 1 or (mask is not None and (mask.dim() != 4 or mask.shape[2] != 1)):
+    if (mask is not None and mask.dim() != 4) or not _takes_list(bias, mask, window):
         return None
+    K = k.shape[1]
     bits = _BIAS_BITS.get(bias.dtype)
     if bits is None:
         return None
@@ -390,14 +390,19 @@ def visible_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, windo
     return meta
 
 
+def _takes_list(bias: torch.Tensor, mask: Optional[torch.Tensor], window: int) -> bool:
+    """Whether a windowed call has a LIST selection (``list_selection``, ``decode``): the window
+    drops keys and bias and mask are shared by every query."""
+    return window < bias.shape[-1] and bias.shape[2] == 1 and (mask is None or mask.shape[2] == 1)
+
+
 def list_selection(bias: torch.Tensor, mask: Optional[torch.Tensor], *, window: int, Q: int, head_dim: int,
                    is_causal: bool, rows: Optional[tuple] = None, chunk: Optional[int] = None):
     """LIST metadata for ``forward``: ``(idx, counts)`` int32 from the CUDA radix select, counts per
     block of this kernel's query rows, or None when the call does not take the LIST path
     (window >= K, a per-query bias/mask). Global scope; the mask is folded into idx, so ``forward``
     needs no mask with it."""
-    K = bias.shape[-1]
-    if window >= K or bias.shape[2] != 1 or (mask is not None and mask.shape[2] != 1):
+    if not _takes_list(bias, mask, window):
         return None
     return select_lists(bias, mask, window, rows, Q=Q, block_m=fwd_block_m(head_dim), is_causal=is_causal,
                         chunk=chunk)
