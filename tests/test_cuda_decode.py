@@ -65,6 +65,16 @@ def _spy():
         yield spy
 
 
+@pytest.fixture(autouse=True, params=["tensor-cores", "cuda-cores"])
+def split_kernel(request):
+    """Every test runs twice: with the tensor-core split kernel where it applies (head dim 64 or
+    128, no softcap, no mask in the kernel, one bias row per thread block; the CUDA-core kernel
+    elsewhere) and with the CUDA-core kernel forced (``set_split_mma_enabled(False)``)."""
+    cuda_ext.set_split_mma_enabled(request.param == "tensor-cores")
+    yield request.param
+    cuda_ext.set_split_mma_enabled(True)
+
+
 def _run(case: Case, dtype, *, splits=None, inputs=None, bias_dtype=None, seed: int = 0):
     """Runs the forward on the case's inputs (LIST when the case's window selects, else DENSE with
     bias and mask per element) and checks out and lse against the reference. Returns
@@ -199,6 +209,35 @@ def test_forced_split_counts(keys, splits):
     mask = "b_hkv_1" if keys == "list-padded" else None
     _run(Case(B=2, Q=3, K=1111, H=8, H_kv=2, D=128, mask=mask, window=window, scope="global", causal=True),
          torch.bfloat16, splits=splits)
+
+
+def _split_kernels(fn) -> list[str]:
+    """The names of the split kernels ``fn`` launched (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted({"mma" if "split_mma_kernel" in n else "cores" for n in names if "dma_fwd_split" in n
+                   and "merge" not in n})
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("form", ["plain", "softcap", "dense-mask", "bias-per-head-inside-group", "per-query-bias"])
+def test_which_split_kernel_runs(form, D, split_kernel):
+    """The tensor-core kernel takes exactly the calls it applies to, when it is switched on; the
+    CUDA-core kernel takes the rest (and everything when it is off). Both match the reference."""
+    # DENSE (no window) for the forms the LIST path never has: a mask in the kernel, a block of
+    # heads (one GQA group) reading several bias heads, a bias row per query.
+    window = 200 if form in ("plain", "softcap") else None
+    bias = {"bias-per-head-inside-group": "b_h_1", "per-query-bias": "1_hkv_q"}.get(form, "b_hkv_1")
+    case = Case(B=2, Q=2 if form == "per-query-bias" else 1, K=1500, H=8, H_kv=2, D=D, bias=bias,
+                mask="b_hkv_1" if form == "dense-mask" else None, window=window, scope="global",
+                softcap=5.0 if form == "softcap" else None)
+    _need_head_dim(D)
+    got = _split_kernels(lambda: _run(case, torch.bfloat16))
+    want = "mma" if split_kernel == "tensor-cores" and form == "plain" else "cores"
+    assert got == [want], (form, got)
 
 
 def test_deterministic():

@@ -167,10 +167,15 @@ __global__ void __launch_bounds__(kMergeThreads) dma_fwd_split_merge_kernel(cons
 // 0.150 at Q = 2, 0.070 / 0.151 at Q = 4, 0.101 / 0.150 at Q = 8 (32 rows per kv head), 0.201 /
 // 0.151 at Q = 16 (64 rows). So the split is picked up to 32 rows per kv head; up to Q = 16 it can
 // still be forced (tests).
+//
+// The plan assumes the tensor-core kernel where the head dim has one (split_mma_applies also needs
+// no softcap, no mask and one bias row per block, which the plan's callers do not know, and the
+// switch): a call that then runs the CUDA-core kernel gets the same splits with 4-row tiles, so
+// more thread blocks.
 int fwd_split_count(int64_t B, int64_t Q, int64_t H, int64_t H_kv, int head_dim, int64_t n_keys, int sms) {
   if (Q < 1 || Q > kFwdSplitMaxQ || B < 1 || H_kv < 1 || H % H_kv != 0) return 0;
   if (Q * (H / H_kv) > kFwdSplitMaxRows) return 0;
-  const FwdSplitTile tile = fwd_split_tile(head_dim);
+  const FwdSplitTile tile = fwd_split_mma_head_dim(head_dim) ? kFwdSplitMmaTile : fwd_split_tile(head_dim);
   const int64_t blocks = B * H_kv * cdiv(H / H_kv * Q, tile.rows);
   const int64_t steps = cdiv(n_keys > 0 ? n_keys : 1, tile.step);
   const int64_t want = cdiv(tile.blocks_per_sm * int64_t(sms > 0 ? sms : 1), blocks);
@@ -187,21 +192,42 @@ int64_t fwd_split_workspace(int64_t B, int64_t Q, int64_t H, int head_dim, int s
   return int64_t(splits) * B * H * Q * (head_dim + 2);
 }
 
+namespace {
+std::atomic<bool> g_split_mma{true};
+
+// Whether the tensor-core kernel computes this launch (fwd_split_mma_kernel.cuh): head dim 64 or
+// 128, no softcap, no mask (the LIST path folds it into the lists), and one bias row for each
+// thread block: the bias is query-broadcast (or Q = 1) and the block's `heads` heads read one
+// bias head (head h reads h * bias_heads / H).
+bool split_mma_applies(const FwdParams& p, int heads) {
+  if (!g_split_mma.load(std::memory_order_relaxed) || !fwd_split_mma_head_dim(p.D)) return false;
+  if (p.softcap > 0.f || p.mask != nullptr) return false;
+  if (p.bias == nullptr) return true;
+  const bool one_query_row = p.Q == 1 || p.bias_stride[2] == 0;
+  const bool one_head = p.bias_heads == 1 || (p.H / p.bias_heads) % heads == 0;
+  return one_query_row && one_head;
+}
+}  // namespace
+
+void set_split_mma_enabled(bool enabled) { g_split_mma.store(enabled, std::memory_order_relaxed); }
+bool split_mma_enabled() { return g_split_mma.load(std::memory_order_relaxed); }
+
 int fwd_split(const FwdParams& p, cudaStream_t stream, bool inputs_ready) {
   if (p.splits < 1 || p.splits > kFwdSplitMaxSplits)
     throw std::invalid_argument("splits must be in 1.." + std::to_string(kFwdSplitMaxSplits));
   if (p.Q > kFwdSplitMaxQ)
     throw std::invalid_argument("the split forward takes Q <= " + std::to_string(kFwdSplitMaxQ) + ", got " +
                                 std::to_string(p.Q));
-  const FwdSplitTile tile = fwd_split_tile(p.D);
   const int64_t n_keys = p.idx != nullptr ? p.list_len : p.K;
   FwdSplitLaunch s;
-  s.chunk = cdiv(cdiv(n_keys > 0 ? n_keys : 1, p.splits), tile.step) * tile.step;
-  s.splits = int(cdiv(n_keys > 0 ? n_keys : 1, s.chunk));
   // Heads that share a thread block share its K/V rows and key list: a divisor of the GQA group
   // and of the heads per selection row.
   const int group = p.H / p.H_kv;
   s.heads = int(p.idx != nullptr ? gcd(group, p.H / p.sel_heads) : group);
+  s.mma = split_mma_applies(p, s.heads);
+  const FwdSplitTile tile = s.mma ? kFwdSplitMmaTile : fwd_split_tile(p.D);
+  s.chunk = cdiv(cdiv(n_keys > 0 ? n_keys : 1, p.splits), tile.step) * tile.step;
+  s.splits = int(cdiv(n_keys > 0 ? n_keys : 1, s.chunk));
   s.row_tiles = int(cdiv(int64_t(s.heads) * p.Q, tile.rows));  // heads * Q <= 65535 * 16: no overflow
   s.rows = int64_t(p.B) * p.H * p.Q;
   if (s.splits > 1 && s.rows > int64_t(0x7fffffff)) throw std::invalid_argument("B * H * Q must be below 2^31");

@@ -38,18 +38,26 @@ int64_t fwd_split_workspace(int64_t B, int64_t Q, int64_t H, int head_dim, int s
 // What one split launch does, derived from FwdParams by fwd_split().
 struct FwdSplitLaunch {
   int splits = 1;       // thread blocks per list, after rounding chunk (<= FwdParams::splits)
-  int64_t chunk = 0;    // list entries (or keys) per split, a multiple of fwd_split_tile(D).step
+  int64_t chunk = 0;    // list entries (or keys) per split, a multiple of the kernel's step
   int heads = 1;        // query heads per thread block: they share the kv head and the list
   int row_tiles = 1;    // thread blocks per (split, head group): cdiv(heads * Q, tile rows)
   int64_t rows = 0;     // B * H * Q: partial row x = (b * H + h) * Q + i
   float* part_o = nullptr;  // (splits, rows, D)
   float* part_m = nullptr;  // (splits, rows): row max of the split's scores, -inf when it saw no key
   float* part_l = nullptr;  // (splits, rows): sum of exp(score - max) over the split's keys
+  // The tensor-core kernel runs (fwd_split_mma_kernel.cuh; rows and step from kFwdSplitMmaTile),
+  // else the CUDA-core one (fwd_split_kernel.cuh; fwd_split_tile(D)).
+  bool mma = false;
   // q was complete before the first kernel of this launch's chain started (the decode binding runs
   // the select and this forward as one chain): the split kernel then loads it before waiting for the
   // kernel ahead of it (launch.h). Otherwise it waits first.
   bool inputs_ready = false;
 };
+
+// Process-wide switch of the tensor-core split kernel (on by default; off: the CUDA-core kernel runs
+// every call, for A/B timing and tests).
+void set_split_mma_enabled(bool enabled);
+bool split_mma_enabled();
 
 // Runs the split forward of `params` (params.splits > 0) on `stream`: the split kernel, then the
 // merge unless one split is left. Returns the splits it ran. Throws std::invalid_argument for an

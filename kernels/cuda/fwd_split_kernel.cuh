@@ -35,14 +35,14 @@
 #include "check.h"
 #include "elements.cuh"
 #include "fwd_split.h"
+#include "fwd_split_common.cuh"
+#include "fwd_split_mma_kernel.cuh"
 #include "launch.h"
 #include "tiles.h"
 
 namespace dmattn {
 namespace cuda {
 namespace split_impl {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim_>
 struct SplitTraits {
@@ -75,32 +75,6 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]) {
       f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
   }
-}
-
-// One output element, rounded to nearest even.
-template <DType kDType>
-__device__ __forceinline__ unsigned short pack1(float x) {
-  if constexpr (kDType == DType::f16) {
-    return __half_as_ushort(__float2half_rn(x));
-  } else {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-}
-
-// 16 bytes global -> shared without passing through registers (zero-filled when !valid, reading
-// nothing), so a lane's K/V rows in flight cost no registers. Each lane reads back only what it
-// copied itself, so waiting for its own groups is all the synchronisation the stages need; the
-// "memory" clobbers keep the compiler from moving shared-memory reads across the copies and waits
-// (there is no __syncthreads to do it).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 template <DType kDType, class Traits>
@@ -407,45 +381,23 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   }
   __syncthreads();
 
-  for (int x = tid; x < n_rows * kHeadDim; x += kThreads) {
-    const int r = x / kHeadDim;
-    const int d = x % kHeadDim;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][r]);
-    const float m_use = mx == -INFINITY ? 0.f : mx;
-    float o = 0.f, sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = exp2f((s_max[w][r] - m_use) * kLog2e);
-      o = fmaf(s_out[w][r][d], wt, o);
-      sum = fmaf(s_sum[w][r], wt, sum);
-    }
-    const int h = row_head(r);
-    const int i = row_query(r);
-    if (s.splits == 1) {
-      const bool any = sum > 0.f;
-      unsigned short* out = static_cast<unsigned short*>(p.out) + b * p.out_stride[0] + int64_t(i) * p.out_stride[1] +
-                            int64_t(h) * p.out_stride[2];
-      out[d] = pack1<kDType>(any ? o * (1.f / sum) : 0.f);
-      if (d == 0) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = any ? mx + logf(sum) : -INFINITY;
-    } else {
-      const int64_t part = int64_t(split) * s.rows + (int64_t(b) * p.H + h) * p.Q + i;
-      s.part_o[part * kHeadDim + d] = o;
-      if (d == 0) {
-        s.part_m[part] = mx;
-        s.part_l[part] = sum;
-      }
-    }
-  }
+  store_rows<kDType, kHeadDim, kWarps, kRows>(p, s, split, b, n_rows, s_out, s_max, s_sum, s_head, s_query, tid,
+                                              kThreads);
 }
 
 }  // namespace split_impl
 
 template <DType kDType, int kHeadDim>
 void launch_fwd_split(const FwdParams& params, const FwdSplitLaunch& launch, cudaStream_t stream) {
-  using Traits = split_impl::SplitTraits<kHeadDim>;
   const dim3 grid(unsigned(launch.row_tiles * launch.splits), unsigned(params.H / launch.heads), unsigned(params.B));
+  if constexpr (fwd_split_mma_head_dim(kHeadDim)) {
+    if (launch.mma) {
+      launch_kernel(split_mma::dma_fwd_split_mma_kernel<kDType, kHeadDim>, grid, dim3(split_mma::kThreads), stream,
+                    pdl_available(), "dma_fwd_split_mma_kernel launch", params, launch);
+      return;
+    }
+  }
+  using Traits = split_impl::SplitTraits<kHeadDim>;
   launch_kernel(split_impl::dma_fwd_split_kernel<kDType, Traits>, grid, dim3(Traits::kThreads), stream, pdl_available(),
                 "dma_fwd_split_kernel launch", params, launch);
 }

@@ -943,6 +943,12 @@ NB_MODULE(_cuda, m) {
         "Lets the select, split forward and merge kernels overlap the kernel before them (programmatic\n"
         "dependent launch, sm_90+; True, the default) or launches every kernel plainly (False). Process-wide.");
   m.def("pdl_enabled", &dmattn::cuda::pdl_enabled, "Whether set_pdl_enabled left overlapping launches on.");
+  m.def("set_split_mma_enabled", &dmattn::cuda::set_split_mma_enabled, nb::arg("enabled"),
+        "Lets the split (decode) forward run its tensor-core kernel where it applies (head dim 64 or 128, no\n"
+        "softcap, no mask, one bias row per thread block; True, the default) or the CUDA-core kernel for every\n"
+        "call (False), for A/B measurements and tests. Process-wide.");
+  m.def("split_mma_enabled", &dmattn::cuda::split_mma_enabled,
+        "Whether set_split_mma_enabled left the tensor-core split kernel on.");
   m.def("fwd_sm90_enabled", &dmattn::cuda::fwd_sm90_enabled, "Whether set_fwd_sm90_enabled left the sm_90a forward on.");
   m.def("fwd_uses_sm90", &dmattn::cuda::fwd_uses_sm90, nb::arg("head_dim"), nb::arg("per_query") = false,
         "Whether a forward call with this head dim (and a per-query bias/mask or not) runs the sm_90a kernel on the\n"

@@ -124,6 +124,14 @@ constexpr FwdSplitTile fwd_split_tile(int head_dim) {
   return FwdSplitTile{4, 4, fwd_split_lanes(head_dim), 4, 4 * (32 / fwd_split_lanes(head_dim)) * 4, 3};
 }
 
+// The tensor-core split kernel (fwd_split_mma_kernel.cuh), for head dims 64 and 128 without softcap,
+// mask or a bias row that differs within a block (fwd_split.cu, split_mma_applies): the block's
+// query rows are one m16 tile of mma.sync m16n8k16, and each 64-key step is cut into 16 keys per
+// warp (lanes and unroll do not apply). blocks_per_sm 3: ptxas gives it 160 registers (sm_90a,
+// D = 128) and 37 KiB of shared memory per block.
+constexpr bool fwd_split_mma_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+constexpr FwdSplitTile kFwdSplitMmaTile{16, 4, 0, 1, 64, 3};
+
 struct BwdTile {
   int dq_block_m;    // query rows per dq thread block
   int dq_block_n;    // keys per tile of the dq loop

@@ -103,6 +103,26 @@ def pdl_enabled() -> bool:
     return has_pdl_switch() and bool(_cuda.pdl_enabled())
 
 
+def has_split_mma_switch() -> bool:
+    """Whether the module has the tensor-core split kernel's switch (older builds do not)."""
+    return _cuda is not None and hasattr(_cuda, "set_split_mma_enabled")
+
+
+def set_split_mma_enabled(enabled: bool) -> None:
+    """Lets the split (decode) forward run its tensor-core kernel (``True``, the default) where it
+    applies: head dim 64 or 128, no softcap, no mask in the kernel (the LIST path folds it into the
+    lists) and one bias row per thread block (a query-broadcast bias whose heads cover whole GQA
+    groups). ``False`` runs the CUDA-core kernel for every split call, e.g. for A/B timing.
+    Process-wide; the two kernels round differently (the tensor-core one rounds the softmax
+    weights to the input dtype before the product with V), so results differ in the last bits."""
+    if has_split_mma_switch():
+        _cuda.set_split_mma_enabled(bool(enabled))
+
+
+def split_mma_enabled() -> bool:
+    return has_split_mma_switch() and bool(_cuda.split_mma_enabled())
+
+
 def sm90_enabled() -> bool:
     return has_sm90_switch() and bool(_cuda.fwd_sm90_enabled())
 
