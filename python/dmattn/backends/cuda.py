@@ -77,10 +77,10 @@ class CudaBackend(Backend):
     def preferred(self, problem):
         """The windowed LIST calls that run the sm_90a kernels (H100/H200, head dim 64 or 128, a
         query-broadcast bias and mask, the global scope or no causal prefixes), where this backend
-        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v13 (bf16,
-        docs/performance.md), cuda against triton, ms: T8k fwd 0.252 / 0.520, fwd+bwd 1.73 / 2.43;
-        T32k fwd 1.31 / 1.40, fwd+bwd 5.84 / 7.75; B32k fwd 1.24 / 1.30, fwd+bwd 5.59 / 7.49; D128k
-        decode 0.115 / 0.413 eager, 0.033 / 0.046 with one call replayed as a CUDA graph. The
+        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v14 (bf16,
+        docs/performance.md), cuda against triton, ms: T8k fwd 0.253 / 0.509, fwd+bwd 1.46 / 2.11;
+        T32k fwd 1.32 / 1.40, fwd+bwd 5.89 / 7.76; B32k fwd 1.25 / 1.29, fwd+bwd 5.75 / 7.51; D128k
+        decode 0.098 / 0.415 eager, 0.033 / 0.046 with one call replayed as a CUDA graph. The
         visible scope's PREFIX path, the sm_80 kernels and calls without a window stay behind
         triton."""
         p = problem
