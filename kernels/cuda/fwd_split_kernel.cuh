@@ -1,6 +1,9 @@
 // The split (decode) forward kernel (fwd_split.h): plain CUDA, float32 math on the CUDA cores. At
 // a few query rows per kv head the products are tiny (Q = 1, GQA group 4, 2048 keys: 4 x 2048 x
 // 128 multiply-adds per kv head and product); what counts is having enough K/V rows in flight.
+// It computes every split call that the tensor-core kernel (fwd_split_mma_kernel.cuh, head dims 64
+// and 128 without softcap, mask or a bias row that varies within a block) does not take;
+// launch_fwd_split at the end of this file picks between them (FwdSplitLaunch::mma).
 //
 // Thread block (split s, head group, batch b), fwd_split_tile(D): `rows` query rows (head, query)
 // of heads that share one kv head and one key list, over list entries [s * chunk, (s + 1) * chunk)
@@ -235,7 +238,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   const float scale_over_cap = softcap > 0.f ? p.scale / softcap : 0.f;
 
   // Pipeline: step t computes from one stage while step t + 1's rows arrive in the other, and
-  // step t + 2's list entries are read.
+  // step t + 2's list entries are read. Each lane reads back only the K/V chunks it copied itself,
+  // so waiting for its own cp.async groups is all the synchronisation the stages need.
   int keys[kUnroll], next_keys[kUnroll];
   uint32_t key_bits[kUnroll];
   unsigned key_ok = 0;
