@@ -32,6 +32,25 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// Row r (< the kernel's rows) of a split block whose rows start at r0 of head group h0 (n_rows of
+// them): head h0 + (r0 + r) / Q and query (r0 + r) % Q, and the last key it may see (bottom-right
+// causal: i + K - Q). Rows past n_rows repeat the last one (valid addresses) and see no key (-1).
+struct SplitRow {
+  int h, i, limit;
+};
+__device__ __forceinline__ SplitRow split_row(const FwdParams& p, int h0, int r0, int n_rows, int r) {
+  const int rr = r0 + min(r, n_rows - 1);
+  const int h = h0 + rr / p.Q, i = rr % p.Q;
+  return SplitRow{h, i, r >= n_rows ? -1 : p.causal ? i + p.K - p.Q : p.K - 1};
+}
+
+// Offset of the row that head h, query i of batch b reads in a bias or mask of `heads` heads with
+// these element strides (stride 0 on size-1 dimensions): head h reads head h * heads / H, in 32
+// bits (H <= 65535, checked by the binding).
+__device__ __forceinline__ int64_t broadcast_row(const int64_t (&stride)[4], int heads, int H, int b, int h, int i) {
+  return b * stride[0] + int64_t(unsigned(h) * unsigned(heads) / unsigned(H)) * stride[1] + int64_t(i) * stride[2];
+}
+
 // One output element, rounded to nearest even.
 template <DType kDType>
 __device__ __forceinline__ unsigned short pack1(float x) {

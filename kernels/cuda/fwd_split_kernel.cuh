@@ -119,7 +119,6 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   const int g = h0 / (p.H / p.H_kv);
   const int r0 = tile * kRows;
   const int n_rows = min(kRows, s.heads * p.Q - r0);
-  const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
 
   // Row r of the block: head h0 + (r0 + r) / Q, query (r0 + r) % Q. Rows past n_rows repeat the
   // last one (valid addresses) and are masked out. Thread r works out row r once: its head, query,
@@ -127,33 +126,26 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
   // from shared memory. Computed by every thread for every row, the divisions made the prologue
   // ~900 instructions, each fetched once per SM (the kernel's blocks run two loop steps).
   if (tid < kRows) {
-    const int rr = r0 + min(tid, n_rows - 1);
-    const int h = h0 + rr / p.Q, i = rr % p.Q;
-    // Head h reads bias (mask) head h * heads / H, in 32 bits (H <= 65535, checked by the binding).
-    const auto head_of = [&](int heads) { return int64_t(unsigned(h) * unsigned(heads) / unsigned(p.H)); };
-    s_head[tid] = h;
-    s_query[tid] = i;
-    s_bias_row[tid] = b * p.bias_stride[0] + head_of(p.bias_heads) * p.bias_stride[1] + int64_t(i) * p.bias_stride[2];
-    s_mask_row[tid] = b * p.mask_stride[0] + head_of(p.mask_heads) * p.mask_stride[1] + int64_t(i) * p.mask_stride[2];
-    s_limit[tid] = tid >= n_rows ? -1 : p.causal ? i + off : p.K - 1;
+    const SplitRow row = split_row(p, h0, r0, n_rows, tid);
+    s_head[tid] = row.h;
+    s_query[tid] = row.i;
+    s_bias_row[tid] = broadcast_row(p.bias_stride, p.bias_heads, p.H, b, row.h, row.i);
+    s_mask_row[tid] = broadcast_row(p.mask_stride, p.mask_heads, p.H, b, row.h, row.i);
+    s_limit[tid] = row.limit;
   }
   __syncthreads();
-  auto row_head = [&](int r) { return s_head[r]; };
-  auto row_query = [&](int r) { return s_query[r]; };
   // Bias and mask offsets of a row. When every row of the block reads the same one (a
   // query-broadcast bias of one head for all of them), one load per key serves all rows, issued a
   // step ahead like the K/V rows; otherwise each row loads its own when its scores are formed.
-  auto bias_row = [&](int r) { return s_bias_row[r]; };
-  auto mask_row = [&](int r) { return s_mask_row[r]; };
   const bool has_bias = p.bias != nullptr;
   const bool has_mask = p.mask != nullptr;
-  const int64_t bias_row0 = has_bias ? bias_row(0) : 0;
-  const int64_t mask_row0 = has_mask ? mask_row(0) : 0;
+  const int64_t bias_row0 = has_bias ? s_bias_row[0] : 0;
+  const int64_t mask_row0 = has_mask ? s_mask_row[0] : 0;
   bool bias_per_row = false, mask_per_row = false;
 #pragma unroll
   for (int r = 1; r < kRows; ++r) {
-    bias_per_row = bias_per_row || (has_bias && bias_row(r) != bias_row0);
-    mask_per_row = mask_per_row || (has_mask && mask_row(r) != mask_row0);
+    bias_per_row = bias_per_row || (has_bias && s_bias_row[r] != bias_row0);
+    mask_per_row = mask_per_row || (has_mask && s_mask_row[r] != mask_row0);
   }
   const bool general = bias_per_row || mask_per_row || p.softcap > 0.f;
 
@@ -181,8 +173,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
     uint4 raw = make_uint4(0, 0, 0, 0);
     if (r < n_rows && has_dims) {
       raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(p.q) + b * p.q_stride[0] +
-                                                 int64_t(row_query(r)) * p.q_stride[1] +
-                                                 int64_t(row_head(r)) * p.q_stride[2] + d0));
+                                                 int64_t(s_query[r]) * p.q_stride[1] +
+                                                 int64_t(s_head[r]) * p.q_stride[2] + d0));
     }
     unpack8<kDType>(raw, q[r]);
   }
@@ -307,10 +299,10 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kTile.blocks_per_sm)
           float x = softcap > 0.f ? softcap * tanhf(sc[u][r] * scale_over_cap) : sc[u][r] * scale;
           bool visible = ((key_ok >> u) & 1u) && key <= s_limit[r];
           if (visible && has_bias) {
-            x += bias_per_row ? load_float(p.bias, p.bias_dtype, bias_row(r) + key * p.bias_stride[3])
+            x += bias_per_row ? load_float(p.bias, p.bias_dtype, s_bias_row[r] + key * p.bias_stride[3])
                               : bits_to_float(key_bits[u], p.bias_dtype);
           }
-          if (visible && mask_per_row) visible = __ldg(p.mask + mask_row(r) + key * p.mask_stride[3]) != 0;
+          if (visible && mask_per_row) visible = __ldg(p.mask + s_mask_row[r] + key * p.mask_stride[3]) != 0;
           sc[u][r] = visible ? x : -INFINITY;
         }
       }

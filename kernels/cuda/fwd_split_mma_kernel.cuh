@@ -124,25 +124,18 @@ __global__ void __launch_bounds__(kThreads, kFwdSplitMmaTile.blocks_per_sm)
   const int g = h0 / (p.H / p.H_kv);
   const int r0 = tile * kRows;
   const int n_rows = min(kRows, s.heads * p.Q - r0);
-  const int off = p.K - p.Q;  // bottom-right causal: key j visible to query i iff j <= i + off
 
-  // Row r: head h0 + (r0 + r) / Q, query (r0 + r) % Q; rows past n_rows repeat the last one (valid
-  // addresses) and see no key (limit -1).
   if (tid < kRows) {
-    const int rr = r0 + min(tid, n_rows - 1);
-    const int h = h0 + rr / p.Q, i = rr % p.Q;
-    s_head[tid] = h;
-    s_query[tid] = i;
-    s_limit[tid] = tid >= n_rows ? -1 : p.causal ? i + off : p.K - 1;
+    const split_impl::SplitRow row = split_impl::split_row(p, h0, r0, n_rows, tid);
+    s_head[tid] = row.h;
+    s_query[tid] = row.i;
+    s_limit[tid] = row.limit;
   }
   __syncthreads();
   // The block's one bias row (split_mma_applies): head of row 0, query 0 or a query-broadcast row.
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_row =
-      has_bias ? b * p.bias_stride[0] +
-                     int64_t(unsigned(s_head[0]) * unsigned(p.bias_heads) / unsigned(p.H)) * p.bias_stride[1] +
-                     int64_t(s_query[0]) * p.bias_stride[2]
-               : 0;
+      has_bias ? split_impl::broadcast_row(p.bias_stride, p.bias_heads, p.H, b, s_head[0], s_query[0]) : 0;
 
   // Q rows (zero past n_rows), swizzled like K.
   for (int x = tid; x < kRows * kChunks; x += kThreads) {
