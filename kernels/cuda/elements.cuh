@@ -10,17 +10,6 @@
 namespace dmattn {
 namespace cuda {
 
-// One bias element as float32, whatever its dtype (the dtype is uniform across the block, so the
-// switch does not diverge).
-__device__ __forceinline__ float load_float(const void* base, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::f16: return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(base) + i)));
-    case DType::bf16: return __uint_as_float(uint32_t(__ldg(static_cast<const unsigned short*>(base) + i)) << 16);
-    case DType::f32: return __ldg(static_cast<const float*>(base) + i);
-    default: return float(__ldg(static_cast<const double*>(base) + i));
-  }
-}
-
 // Bias element i split into a load and a later conversion, so that a thread can issue several
 // loads before it waits for any (a conversion right after its load, under a branch, makes the
 // thread wait there). load_bits gives the 16-bit value of a float16/bfloat16 bias and the float32
@@ -38,6 +27,12 @@ __device__ __forceinline__ uint32_t load_bits(const void* base, DType dtype, int
 __device__ __forceinline__ float bits_to_float(uint32_t bits, DType dtype) {
   if (dtype == DType::f16) return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
   return __uint_as_float(dtype == DType::bf16 ? bits << 16 : bits);
+}
+
+// One bias element as float32, whatever its dtype (the dtype is uniform across the block, so the
+// switches do not diverge), for a thread that uses it right away.
+__device__ __forceinline__ float load_float(const void* base, DType dtype, int64_t i) {
+  return bits_to_float(load_bits(base, dtype, i), dtype);
 }
 
 }  // namespace cuda
