@@ -1,12 +1,12 @@
-"""Host (Python) time of one eager decode call, measured without a GPU.
+"""Host (Python) time of one eager D128k decode call or T8k forward, measured without a GPU.
 
-The D128k call (BENCHMARKS.md) runs on CPU tensors with every kernel of the chosen backend replaced
-by a no-op, so what is timed is the host path alone: validation, dispatch, the custom op, output
+The D128k call (BENCHMARKS.md), or with ``--workload T8k`` the T8k global-scope forward, runs on CPU
+tensors with every kernel of the chosen backend replaced by a no-op, so what is timed is the host path alone: validation, dispatch, the custom op, output
 and metadata allocations, launch-argument preparation. Neither the kernels' own launch cost (Triton's
 argument binding, the CUDA driver) nor torch.cuda device/stream calls are included: on the GPU both
 come on top. A GPU run of ``benchmarks/host_overhead.py`` gives the real numbers.
 
-    TRITON_INTERPRET=1 python benchmarks/host_overhead_cpu.py --backend triton [--profile]
+    TRITON_INTERPRET=1 python benchmarks/host_overhead_cpu.py --backend triton [--workload T8k] [--profile]
     python benchmarks/host_overhead_cpu.py --backend cuda [--profile]
 
 The Triton backend takes CPU tensors only under the interpreter; its launch plans are computed as
@@ -56,7 +56,8 @@ def _patch_triton():
     assert os.environ.get("TRITON_INTERPRET") == "1", "the triton backend needs TRITON_INTERPRET=1 on CPU"
     for mod, names in ((topk, ("select_row_kernel", "select_hist_kernel", "select_write_kernel",
                                "list_counts_kernel")),
-                       (attention, ("dma_fwd_kernel", "dma_fwd_split_kernel", "dma_fwd_combine_kernel"))):
+                       (attention, ("dma_fwd_kernel", "dma_fwd_split_kernel", "dma_fwd_combine_kernel",
+                                    "compact_gather_kernel"))):
         for name in names:
             setattr(mod, name, _NoLaunch())
     topk._sm_count = lambda index: SM_COUNT
@@ -117,6 +118,15 @@ def d128k(dtype=torch.bfloat16):
     return q, k, v, bias
 
 
+def t8k(dtype=torch.bfloat16):
+    """The T8k forward's tensors (global scope, w 1024, causal)."""
+    q = torch.empty(1, 8192, 32, 128, dtype=dtype)
+    k = torch.empty(1, 8192, 8, 128, dtype=dtype)
+    v = torch.empty(1, 8192, 8, 128, dtype=dtype)
+    bias = torch.randn(1, 8, 1, 8192).to(dtype)
+    return q, k, v, bias
+
+
 def time_calls(fn, calls=200, repeats=25):
     """Median over ``repeats`` of the mean time per call of ``calls`` calls, in microseconds."""
     for _ in range(calls):
@@ -133,17 +143,20 @@ def time_calls(fn, calls=200, repeats=25):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("triton", "cuda"), default="triton")
+    ap.add_argument("--workload", choices=("D128k", "T8k"), default="D128k")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile top 25 by tottime")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=25)
     args = ap.parse_args(argv)
     (_patch_triton if args.backend == "triton" else _patch_cuda)()
-    q, k, v, bias = d128k()
+    q, k, v, bias = d128k() if args.workload == "D128k" else t8k()
+    options = (dict(window=2048) if args.workload == "D128k"
+               else dict(window=1024, topk_scope="global", is_causal=True))
     with torch.no_grad():
-        call = lambda: dmattn.dma_attention(q, k, v, bias, window=2048, backend=args.backend)  # noqa: E731
+        call = lambda: dmattn.dma_attention(q, k, v, bias, backend=args.backend, **options)  # noqa: E731
         call()
         med, best = time_calls(call, args.calls, args.repeats)
-        print(f"{args.backend}: host time per call {med:.1f} us median, {best:.1f} us best "
+        print(f"{args.backend} {args.workload}: host time per call {med:.1f} us median, {best:.1f} us best "
               f"({args.repeats} x {args.calls} calls, no-op kernels, CPU tensors)")
         if args.profile:
             prof = cProfile.Profile()

@@ -33,7 +33,7 @@ def test_smoke_pipeline(tmp_path):
         assert len(timed) == sum(len(w["passes"]) for w in report["workloads"]), impl
         assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed)
     assert all(r["selection_ms"] > 0 for r in ok if r["impl"] == "dmattn:cpu")
-    assert not any("graph_ms" in r for r in rows)  # CUDA graphs only on a GPU
+    assert not any("graph_ms" in r or "host_ms" in r for r in rows)  # CUDA graphs and host times only on a GPU
     assert {r["status"] for r in rows if r["impl"] == "flex"} == {"skipped"}
     assert all(c["status"] == "ok" for c in report["correctness"] if c["impl"] in ("dmattn:cpu", "sdpa_math"))
     md = path.with_suffix(".md").read_text()
@@ -48,9 +48,9 @@ def test_graph_times_in_markdown():
     machine = dict(card="H200", date="2026-11-28", torch="2", triton="3", cuda="13", driver="580")
     row = dict(workload="D128k", impl="dmattn:triton", status="ok", ms=0.3, tflops=0.1, notes=[])
     report = dict(machine=machine, impls=["dmattn:triton"], correctness=[],
-                  results=[dict(row, **{"pass": "fwd"}, graph_ms=0.038)])
+                  results=[dict(row, **{"pass": "fwd"}, graph_ms=0.038, host_ms=0.21)])
     md = bench.markdown(report)
-    assert "Forward calls in a CUDA graph" in md and "| D128k | dmattn:triton | 0.3 | 0.038 |" in md
+    assert "Forward calls in a CUDA graph" in md and "| D128k | dmattn:triton | 0.3 | 0.038 | 0.21 |" in md
     report["results"][0].pop("graph_ms")
     assert "in a CUDA graph" not in bench.markdown(report)
 

@@ -668,16 +668,14 @@ struct DecodeLayout {
   int64_t chunk = 0;
 };
 
-size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-
 DecodeLayout decode_layout(int64_t B, int64_t Q, int64_t H, int64_t D, int64_t rows, int64_t K, int64_t W,
                            int bias_bits, int splits, int device) {
   const dmattn::cuda::SelectPlan plan =
       dmattn::cuda::select_plan(rows, K, bias_bits, dmattn::cuda::device_sm_count(device), 0);
   DecodeLayout l;
   l.chunk = plan.chunk;
-  l.select = align16(size_t(rows) * size_t(W) * sizeof(int32_t));
-  l.partials = l.select + align16(plan.workspace_bytes);
+  l.select = dmattn::cuda::align16(size_t(rows) * size_t(W) * sizeof(int32_t));
+  l.partials = l.select + dmattn::cuda::align16(plan.workspace_bytes);
   l.total = l.partials + size_t(dmattn::cuda::fwd_split_workspace(B, Q, H, int(D), splits)) * sizeof(float);
   return l;
 }

@@ -16,6 +16,9 @@
 namespace dmattn {
 namespace cuda {
 
+// n rounded up to a multiple of 16 bytes: the alignment of every workspace part.
+inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
 struct SelectParams {
   const void* bias = nullptr;
   int bias_bits = 0;           // 16 (float16/bfloat16), 32 (float32) or 64 (float64)

@@ -68,8 +68,6 @@ struct Workspace {
   int32_t* above;   // (rows, C)
 };
 
-inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-
 __host__ __device__ inline Workspace carve(void* base, int64_t rows, int64_t chunks, int passes) {
   char* p = static_cast<char*>(base);
   Workspace w;
@@ -158,6 +156,35 @@ __device__ __forceinline__ void load_group(const SelectParams& p, int64_t bias_r
   }
 }
 
+// Where a radix pass or the compaction block works: chunk c of row `row` (grid (rows, C)), keys
+// [start, stop), and the workspace.
+struct ChunkView {
+  int64_t row, c, rows;
+  int64_t bias_row, mask_row;  // row_bases
+  int64_t start, stop;
+  Workspace ws;
+};
+
+// The common start of select_hist_kernel and select_write_kernel: lets the next kernel of the chain
+// launch, loads the chunk's first kGroup tiles of keys (inputs of the chain, so they load while the
+// previous kernel may still run: launch.h), then waits for that kernel.
+template <int kBits>
+__device__ __forceinline__ ChunkView begin_chunk(const SelectParams& p, int64_t chunks,
+                                                 KeyT<kBits> (&key)[kGroup][kItems]) {
+  pdl_launch_next();
+  ChunkView v;
+  v.row = blockIdx.x;
+  v.c = blockIdx.y;
+  v.rows = p.B_s * p.H_s;
+  v.ws = carve(p.workspace, v.rows, chunks, kBits / 8);
+  row_bases(p, v.row, &v.bias_row, &v.mask_row);
+  v.start = v.c * p.chunk;
+  v.stop = v.start + p.chunk < p.K ? v.start + p.chunk : p.K;
+  load_group<kBits>(p, v.bias_row, v.mask_row, v.start, v.stop, key);
+  pdl_wait();
+  return v;
+}
+
 using BinScan = cub::BlockScan<int, kThreads>;
 
 struct BucketShared {
@@ -213,17 +240,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kBits>) select_hist_kerne
   __shared__ BucketShared sh;
   __shared__ typename Reduce::TempStorage reduce;
 
-  pdl_launch_next();
-  const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
-  const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
   hist[threadIdx.x] = 0;
-  int64_t bias_row, mask_row;
-  row_bases(p, row, &bias_row, &mask_row);
-  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
-  // The first keys are inputs of the chain: loaded while the previous pass may still run (launch.h).
   Key key[kGroup][kItems];
-  load_group<kBits>(p, bias_row, mask_row, start, stop, key);
-  pdl_wait();
+  const auto [row, c, rows, bias_row, mask_row, start, stop, ws] = begin_chunk<kBits>(p, chunks, key);
   const RowState st = state_entering(p, ws, row, chunks, pass, sh);
   __syncthreads();  // hist zeroed
   const int shift = kBits - 8 * (pass + 1);
@@ -274,16 +293,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kBits>) select_write_kern
   } tmp;
   __shared__ long long eq_before_sh, kept_sh;
 
-  pdl_launch_next();
-  const int64_t row = blockIdx.x, c = blockIdx.y, rows = p.B_s * p.H_s;
-  const Workspace ws = carve(p.workspace, rows, chunks, kPasses);
-  int64_t bias_row, mask_row;
-  row_bases(p, row, &bias_row, &mask_row);
-  const int64_t start = c * p.chunk, stop = start + p.chunk < p.K ? start + p.chunk : p.K;
-  // As in select_hist_kernel: the first keys load while the last pass may still run.
   Key keys[kGroup][kItems];
-  load_group<kBits>(p, bias_row, mask_row, start, stop, keys);
-  pdl_wait();
+  const auto [row, c, rows, bias_row, mask_row, start, stop, ws] = begin_chunk<kBits>(p, chunks, keys);
   const RowState base = ws.state[int64_t(kPasses - 1) * rows + row];
 
   // Threshold T = prefix . digit, from the last pass's histograms summed over every chunk; the

@@ -22,7 +22,10 @@ What one run does, per workload (bf16, random data, never zeros):
    Forward rows also time one call captured in a CUDA graph and replayed (``graph_ms``): the GPU
    time without the host's launch work, which dominates an eager decode call of every
    implementation and part of calls of a few hundred microseconds (T8k); a serving loop that
-   captures its decode step pays that.
+   captures its decode step pays that. They also record ``host_ms``, the host time to enqueue one
+   eager call: do_bench clears the L2 (a 256 MB write, ~0.07 ms on an H200) before each call, so
+   the host gets that much head start, and an eager time well above ``graph_ms`` with ``host_ms``
+   above graph + clear is the host's, not the kernels'.
 3. Report: median ms, useful TFLOP/s (only visible (query, key) pairs count: 4*D*pairs forward,
    3.5x that for fwd+bwd), peak GPU memory above the inputs, ratios against the faster dense peer;
    a JSON file, a Markdown file and a PNG plot (time against sequence length, the T family) named
@@ -640,6 +643,22 @@ def graph_ms(fn, device, warmup_ms: float, rep_ms: float) -> tuple[Optional[floa
         return None, _short(exc, 160)
 
 
+def host_ms(fn, device, calls: int = 20, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the host time per call to enqueue ``calls`` back-to-back calls of
+    ``fn`` (no synchronisation between them, so the GPU does not hold the host back unless its
+    launch queue fills, which 20 calls do not)."""
+    fn()
+    _sync(device)
+    per_call = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) * 1e3 / calls)
+        _sync(device)
+    return statistics.median(per_call)
+
+
 def peak_mib(fn, device) -> Optional[float]:
     """Peak memory one call allocates above what is live before it (the inputs), in MiB."""
     if device.type != "cuda":
@@ -691,6 +710,7 @@ def time_impl(name: str, build, x: dict, wl: Workload, pas: str, device, args, s
         row["selection_what"] = runner.select_note
     if device.type == "cuda" and not grad and runner.e2e is None:
         row["graph_ms"], why = graph_ms(attn, device, args.warmup_ms, args.rep_ms)
+        row["host_ms"] = host_ms(attn, device)
         if why:
             row["notes"].append(f"no CUDA-graph time: {why}")
     if runner.e2e is not None:  # Flex: the selection is not inside fn; e2e = selection + attention
@@ -786,9 +806,10 @@ def markdown(report: dict) -> str:
     graphs = [r for r in report["results"] if r["status"] == "ok" and r.get("graph_ms") is not None]
     if graphs:
         lines += ["", "Forward calls in a CUDA graph (replay of one captured call: its GPU time without the "
-                  "host's launch work; eager = the ms above):", "", "| workload | impl | eager ms | graph ms |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} |" for r in graphs]
+                  "host's launch work; eager = the ms above; host = the host's time to enqueue one eager call):", "",
+                  "| workload | impl | eager ms | graph ms | host ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} | {_fmt(r.get('host_ms'))} |"
+                  for r in graphs]
     lines += ["", "Not timed (reasons):", ""]
     seen = set()
     for r in report["results"]:
@@ -1006,6 +1027,7 @@ def main(argv=None) -> int:
                 if row["status"] == "ok":
                     extra = f" sel {row['selection_ms']:.3f}" if "selection_ms" in row else ""
                     extra += f" graph {row['graph_ms']:.3f}" if row.get("graph_ms") is not None else ""
+                    extra += f" host {row['host_ms']:.3f}" if row.get("host_ms") is not None else ""
                     print(f"[{time.monotonic() - start:6.1f}s] {wl.name:<16} {pas:<7} {name:<16} "
                           f"{row['ms']:9.3f} ms{extra}  {row['tflops']:7.1f} TFLOP/s", flush=True)
                 else:
