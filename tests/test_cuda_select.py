@@ -171,6 +171,18 @@ def test_counts(Q, block_m, causal):
     assert torch.equal(counts.cpu(), _want_counts(idx.cpu(), Q, 3000, block_m, causal))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Q,block_m", [(3000, 16), (5000, 7), (40, 16), (1, 1)])
+def test_counts_of_clustered_lists(Q, block_m, causal):
+    """Lists whose keys sit together (all early, all late, one key, only sentinels, every key): one
+    entry's run of equal counts can span most query blocks, and blocks that see no key get 0."""
+    K, W = 3000, 800
+    rows = [list(range(700)), list(range(2300, 3000)), [1500], [], list(range(K - W, K))]
+    idx = torch.tensor([r + [K] * (W - len(r)) for r in rows], dtype=torch.int32).reshape(1, len(rows), W)
+    counts = cuda_ext.list_counts(idx.cuda(), Q=Q, K=K, block_m=block_m, is_causal=causal)
+    assert torch.equal(counts.cpu(), _want_counts(idx, Q, K, block_m, causal))
+
+
 def test_broadcast_strides():
     """Zero strides (an expanded bias), a batch of 1 shared by every row, heads read through
     h * heads // H_s, a transposed (B, K, H) storage."""

@@ -162,6 +162,22 @@ def test_cache_is_bounded(kernel, monkeypatch):
     assert len(kernel.run.cache) <= 4
 
 
+def test_kinds_cleared_do_not_alias(kernel, monkeypatch):
+    """The key names the argument types by an id per type tuple. When that table starts over, a new
+    tuple must not take an id an older key still holds: 1 and True compare equal, so an entry made
+    for ints would otherwise serve a call with a bool."""
+    monkeypatch.setattr(launch, "_KINDS_LIMIT", 2)
+    launch._KINDS.clear()
+    a, b = torch.zeros(8), torch.ones(8)
+    _launch(kernel, (1,), a, b, 1, False)
+    _launch(kernel, (1,), a, b, 1.5, None)  # a second type tuple: the table is full
+    _launch(kernel, (1,), a, b, True, False)  # a third: the table starts over
+    assert kernel.slow_calls == 3 and kernel.run.hits == 0
+    _launch(kernel, (1,), a, b, True, False)
+    _launch(kernel, (1,), a, b, 1, False)  # its type tuple has a new id now: one miss
+    assert kernel.slow_calls == 4 and kernel.run.hits == 1
+
+
 def _probe_kernel(X, Y, n, flag, BLOCK: tl.constexpr, EXTRA=None):
     pass
 

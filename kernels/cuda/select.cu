@@ -77,8 +77,8 @@ void select_lists(const SelectParams& p, cudaStream_t stream) {
 }
 
 void list_counts(const CountsParams& p, cudaStream_t stream) {
-  const int64_t n = p.rows * p.n_blocks;
-  if (n == 0) return;
+  if (p.rows * p.n_blocks == 0) return;
+  const int64_t n = p.rows * (p.W > 0 ? p.W : 1);  // a thread per list entry (list_counts_kernel)
   const int threads = 256;
   const int64_t blocks = cdiv(n, threads) < 65535 ? cdiv(n, threads) : 65535;
   // Overlaps its predecessor's tail (launch.h); it waits for it before reading the lists.

@@ -362,25 +362,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kBits>) select_write_kern
 
 // counts[row, m] = the number of entries of the row's list <= the causal limit of query block m's
 // last query (all of them without causality); sentinels (K) are never counted.
+//
+// One thread per list entry rather than one per count: with f(e) the first query block whose limit
+// reaches key e (n_blocks for the sentinel), f is non-decreasing along the ascending list and
+// counts[m] is the number of entries with f <= m. So entry j writes j + 1 into counts[f(list[j]) ..
+// f(list[j + 1]) - 1], and entry 0 also writes 0 below f(list[0]): every count once, after one load
+// round trip, where a binary search per count made log2(W) dependent ones (11 at W = 2048).
+__device__ __forceinline__ int64_t first_block(const CountsParams& p, int64_t e) {
+  if (e >= p.K) return p.n_blocks;
+  if (!p.causal) return 0;
+  // Block m's limit min((m + 1) * block_m, Q) - 1 + K - Q reaches e < K iff (m + 1) * block_m >= t
+  // (t <= Q since e < K).
+  const int64_t t = e + 1 - p.K + p.Q;
+  return t <= 0 ? 0 : (t + p.block_m - 1) / p.block_m - 1;
+}
+
 __global__ void list_counts_kernel(CountsParams p) {
   pdl_launch_next();
   pdl_wait();  // the lists are the previous kernel's output
-  const int64_t n = p.rows * p.n_blocks;
+  const int64_t w = p.W > 0 ? p.W : 1;  // W = 0: one thread per row writes its zeros
+  const int64_t n = p.rows * w;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.n_blocks, m = i % p.n_blocks;
-    const int64_t last = ((m + 1) * p.block_m < p.Q ? (m + 1) * p.block_m : p.Q) - 1;
-    int64_t limit = p.K - 1;
-    if (p.causal) {
-      limit = last + p.K - p.Q;
-      limit = limit < -1 ? -1 : (limit > p.K - 1 ? p.K - 1 : limit);
-    }
+    const int64_t row = i / w, j = i % w;
     const int32_t* list = p.idx + row * p.W;
-    int64_t lo = 0, hi = p.W;  // first entry > limit
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (int64_t(list[mid]) <= limit) lo = mid + 1; else hi = mid;
+    int32_t* counts = p.counts + row * p.n_blocks;
+    const int64_t lo = first_block(p, j < p.W ? int64_t(list[j]) : p.K);
+    const int64_t hi = j + 1 < p.W ? first_block(p, int64_t(list[j + 1])) : p.n_blocks;
+    for (int64_t m = lo; m < hi; ++m) counts[m] = int32_t(j + 1);
+    if (j == 0) {
+      for (int64_t m = 0; m < lo; ++m) counts[m] = 0;
     }
-    p.counts[i] = int32_t(lo);
   }
 }
 
