@@ -1,10 +1,10 @@
 """Host (Python) time of one eager D128k decode call or T8k forward, measured without a GPU.
 
 The D128k call (BENCHMARKS.md), or with ``--workload T8k`` the T8k global-scope forward, runs on CPU
-tensors with every kernel of the chosen backend replaced by a no-op, so what is timed is the host path alone: validation, dispatch, the custom op, output
-and metadata allocations, launch-argument preparation. Neither the kernels' own launch cost (Triton's
-argument binding, the CUDA driver) nor torch.cuda device/stream calls are included: on the GPU both
-come on top. A GPU run of ``benchmarks/host_overhead.py`` gives the real numbers.
+tensors with every kernel of the chosen backend replaced by a no-op, so what is timed is the host
+path alone: validation, dispatch, the custom op, output and metadata allocations, launch-argument
+preparation. Neither the kernels' own launch cost (Triton's argument binding, the CUDA driver) nor
+torch.cuda device/stream calls are included: on the GPU both come on top. A GPU run of ``benchmarks/host_overhead.py`` gives the real numbers.
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead_cpu.py --backend triton [--workload T8k] [--profile]
     python benchmarks/host_overhead_cpu.py --backend cuda [--profile]

@@ -808,8 +808,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Forward calls in a CUDA graph (replay of one captured call: its GPU time without the "
                   "host's launch work; eager = the ms above; host = the host's time to enqueue one eager call):", "",
                   "| workload | impl | eager ms | graph ms | host ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} | {_fmt(r.get('host_ms'))} |"
-                  for r in graphs]
+        lines += [f"| {r['workload']} | {r['impl']} | {_fmt(r['ms'])} | {_fmt(r['graph_ms'])} | "
+                  f"{_fmt(r.get('host_ms'))} |" for r in graphs]
     lines += ["", "Not timed (reasons):", ""]
     seen = set()
     for r in report["results"]:
