@@ -308,7 +308,9 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 def list_counts(idx: torch.Tensor, *, Q: int, K: int, block_m: int, is_causal: bool) -> torch.Tensor:
     """Per (b_s, h_s, query block of ``block_m`` rows): how many entries of the ascending list ``idx``
     (B_s, H_s, W) int32 are <= the causal limit of the block's last query (all entries but the
-    sentinels without causality): int32 (B_s, H_s, cdiv(Q, block_m))."""
+    sentinels without causality): int32 (B_s, H_s, cdiv(Q, block_m)). ``idx`` is a list as
+    ``select_lists`` writes it (keys ascending, then the sentinel K): the kernel relies on the order
+    (each entry writes the counts up to the next one), so other lists give unspecified counts."""
     (idx,) = plain(idx)
     idx = idx.contiguous()
     counts = new_output((idx.shape[0], idx.shape[1], -(-Q // block_m)), torch.int32, idx.device)
