@@ -77,10 +77,10 @@ class CudaBackend(Backend):
     def preferred(self, problem):
         """The windowed LIST calls that run the sm_90a kernels (H100/H200, head dim 64 or 128, a
         query-broadcast bias and mask, the global scope or no causal prefixes), where this backend
-        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v14 (bf16,
-        docs/performance.md), cuda against triton, ms: T8k fwd 0.253 / 0.509, fwd+bwd 1.46 / 2.11;
-        T32k fwd 1.32 / 1.40, fwd+bwd 5.89 / 7.76; B32k fwd 1.25 / 1.29, fwd+bwd 5.75 / 7.51; D128k
-        decode 0.098 / 0.415 eager, 0.033 / 0.046 with one call replayed as a CUDA graph. The
+        beats ``triton`` ahead of it in the registry. Measured on an H200, harness v16 (bf16,
+        docs/performance.md), cuda against triton, ms: T8k fwd 0.250 / 0.253, fwd+bwd 1.23 / 1.91;
+        T32k fwd 1.32 / 1.39, fwd+bwd 5.81 / 7.71; B32k fwd 1.26 / 1.31, fwd+bwd 5.68 / 7.50; D128k
+        decode 0.042 / 0.170 eager, 0.033 / 0.046 with one call replayed as a CUDA graph. The
         visible scope's PREFIX path, the sm_80 kernels and calls without a window stay behind
         triton."""
         p = problem
