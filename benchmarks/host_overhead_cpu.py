@@ -109,21 +109,18 @@ def _patch_cuda():
     assert cuda_backend.CudaBackend is type(b)
 
 
-def d128k(dtype=torch.bfloat16):
-    """The D128k decode call's tensors: uninitialised (the kernels are no-ops), CPU."""
-    q = torch.empty(1, 1, 32, 128, dtype=dtype)
-    k = torch.empty(1, 131072, 8, 128, dtype=dtype)
-    v = torch.empty(1, 131072, 8, 128, dtype=dtype)
-    bias = torch.randn(1, 8, 1, 131072).to(dtype)
-    return q, k, v, bias
+# (Q, K, dma_attention options) of the two workloads: H 32, H_kv 8, D 128, bias (1, H_kv, 1, K).
+WORKLOADS = {"D128k": (1, 131072, dict(window=2048)),
+             "T8k": (8192, 8192, dict(window=1024, topk_scope="global", is_causal=True))}
 
 
-def t8k(dtype=torch.bfloat16):
-    """The T8k forward's tensors (global scope, w 1024, causal)."""
-    q = torch.empty(1, 8192, 32, 128, dtype=dtype)
-    k = torch.empty(1, 8192, 8, 128, dtype=dtype)
-    v = torch.empty(1, 8192, 8, 128, dtype=dtype)
-    bias = torch.randn(1, 8, 1, 8192).to(dtype)
+def inputs(Q: int, K: int, dtype=torch.bfloat16):
+    """q, k, v, bias on the CPU: q/k/v uninitialised (the kernels are no-ops), the bias random (the
+    host path does not read it, but its dtype and strides must be a real bias's)."""
+    q = torch.empty(1, Q, 32, 128, dtype=dtype)
+    k = torch.empty(1, K, 8, 128, dtype=dtype)
+    v = torch.empty(1, K, 8, 128, dtype=dtype)
+    bias = torch.randn(1, 8, 1, K).to(dtype)
     return q, k, v, bias
 
 
@@ -143,15 +140,14 @@ def time_calls(fn, calls=200, repeats=25):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("triton", "cuda"), default="triton")
-    ap.add_argument("--workload", choices=("D128k", "T8k"), default="D128k")
+    ap.add_argument("--workload", choices=tuple(WORKLOADS), default="D128k")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile top 25 by tottime")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=25)
     args = ap.parse_args(argv)
     (_patch_triton if args.backend == "triton" else _patch_cuda)()
-    q, k, v, bias = d128k() if args.workload == "D128k" else t8k()
-    options = (dict(window=2048) if args.workload == "D128k"
-               else dict(window=1024, topk_scope="global", is_causal=True))
+    Q, K, options = WORKLOADS[args.workload]
+    q, k, v, bias = inputs(Q, K)
     with torch.no_grad():
         call = lambda: dmattn.dma_attention(q, k, v, bias, backend=args.backend, **options)  # noqa: E731
         call()
