@@ -70,9 +70,10 @@ def split_kernel(request):
     """Every test runs twice: with the tensor-core split kernel where it applies (head dim 64 or
     128, no softcap, no mask in the kernel, one bias row per thread block; the CUDA-core kernel
     elsewhere) and with the CUDA-core kernel forced (``set_split_mma_enabled(False)``)."""
+    before = cuda_ext.split_mma_enabled()
     cuda_ext.set_split_mma_enabled(request.param == "tensor-cores")
     yield request.param
-    cuda_ext.set_split_mma_enabled(True)
+    cuda_ext.set_split_mma_enabled(before)
 
 
 def _run(case: Case, dtype, *, splits=None, inputs=None, bias_dtype=None, seed: int = 0):

@@ -72,6 +72,7 @@ _VALUES = (int, float, bool, str, type(None))
 _KINDS: dict = {}
 _KINDS_LIMIT = 256
 _KIND_IDS = itertools.count()  # never reused, so a key made before _KINDS was cleared cannot match
+_NEW = object()  # a type tuple not in _KINDS yet
 
 
 def _kinds(types: tuple):
@@ -94,15 +95,13 @@ def _args_key(args, kwargs):
     and the keywords' names in the order given."""
     vals = (*args, *kwargs.values()) if kwargs else args
     types = tuple(map(type, vals))
-    kinds = _KINDS.get(types)
-    if kinds is None:
-        if types in _KINDS:  # known and not covered
-            return None
+    kinds = _KINDS.get(types, _NEW)
+    if kinds is _NEW:
         if len(_KINDS) >= _KINDS_LIMIT:
             _KINDS.clear()
         kinds = _KINDS[types] = _kinds(types)
-        if kinds is None:
-            return None
+    if kinds is None:  # a type the key does not cover
+        return None
     tensors, descs, kind = kinds
     key = list(vals)
     for i in tensors:
